@@ -37,6 +37,7 @@ struct AttrSpec {
   AttrType type;
   bool required;  // no default: createPlugin fails without it
   double dflt;
+  double lo, hi;  // valid range, inclusive (NaN is always rejected)
 };
 
 constexpr int kMaxTensors = 16;
@@ -57,7 +58,10 @@ struct Symbols {
   int64_t operator[](char s) const { return upper[s - 'A']; }
 };
 
+struct OpSpec;
+
 struct LaunchArgs {
+  OpSpec const& spec;
   essm_dtype io;  // activation dtype of the kIO tensors
   void const* const* in;
   void* const* out;

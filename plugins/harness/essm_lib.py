@@ -1,0 +1,114 @@
+"""ctypes binding of libedgessm_kernels.so (the C ABI in plugins/include/edgessm/kernels.h).
+
+Tensors are torch CUDA tensors; every launcher runs on torch's current stream and a nonzero
+return code raises `KernelError` naming the launcher.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ESSM_F32, ESSM_F16, ESSM_BF16, ESSM_I8 = 0, 1, 2, 3
+DTYPE_NAMES = {ESSM_F32: "f32", ESSM_F16: "f16", ESSM_BF16: "bf16", ESSM_I8: "i8"}
+TORCH_DTYPES = {
+    ESSM_F32: torch.float32,
+    ESSM_F16: torch.float16,
+    ESSM_BF16: torch.bfloat16,
+    ESSM_I8: torch.int8,
+}
+# cudaError_t values a launcher is likely to return, for readable messages.
+CUDA_ERRORS = {
+    1: "cudaErrorInvalidValue",
+    2: "cudaErrorMemoryAllocation",
+    9: "cudaErrorInvalidConfiguration",
+    98: "cudaErrorInvalidDeviceFunction",
+    209: "cudaErrorNoKernelImageForDevice",
+    400: "cudaErrorInvalidResourceHandle",
+    700: "cudaErrorIllegalAddress",
+    701: "cudaErrorLaunchOutOfResources",
+}
+CUDA_ERROR_INVALID_VALUE = 1
+
+DEFAULT_LIB = Path(__file__).resolve().parents[2] / "build" / "plugins" / "libedgessm_kernels.so"
+
+
+class KernelError(RuntimeError):
+    def __init__(self, name: str, code: int) -> None:
+        super().__init__(f"{name} returned {code} ({CUDA_ERRORS.get(code, 'cudaError')})")
+        self.name = name
+        self.code = code
+
+
+class ScanScales(ctypes.Structure):
+    _fields_ = [
+        ("u_scale", ctypes.c_void_p),
+        ("delta_scale", ctypes.c_float),
+        ("B_scale", ctypes.c_float),
+        ("C_scale", ctypes.c_float),
+        ("z_scale", ctypes.c_float),
+    ]
+
+
+class SsdScales(ctypes.Structure):
+    _fields_ = [("x_scale", ctypes.c_void_p), ("B_scale", ctypes.c_void_p), ("C_scale", ctypes.c_void_p)]
+
+
+_P, _I, _F, _I64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_int64
+_SIGNATURES: dict[str, list[Any]] = {
+    "essm_causal_conv1d_fwd": [_I, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _P],
+    "essm_causal_conv1d_update": [_I, _P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _P],
+    "essm_selective_scan_fwd": [_I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _I,
+                                ctypes.POINTER(ScanScales), _P, _P, _P, _I, _I, _I, _I, _P],
+    "essm_selective_state_update": [_I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I,
+                                    ctypes.POINTER(ScanScales), _P, _P, _I, _I, _I, _P],
+    "essm_ssd_scan_fwd": [_I, _I, _P, _P, _P, _P, _P, _P, _P, _I, _F, _F, ctypes.POINTER(SsdScales),
+                          _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _P],
+    "essm_ssd_state_update": [_I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _I, _F, _F,
+                              ctypes.POINTER(SsdScales), _P, _P, _I, _I, _I, _I, _I, _P],
+    "essm_hadamard_transform": [_I, _I, _P, _P, _I, _F, _F, _P, _I64, _I, _P],
+    "essm_tuning_set_scan_rows": [_I],
+}
+
+
+def ptr(t: torch.Tensor | None) -> int | None:
+    """Device address of a contiguous tensor (None -> NULL)."""
+    if t is None:
+        return None
+    if not t.is_contiguous():
+        raise ValueError("kernel tensors must be contiguous")
+    return t.data_ptr()
+
+
+class KernelLib:
+    """Loaded libedgessm_kernels.so; `call(name, ...)` launches on torch's current stream."""
+
+    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+        lib_path = Path(path or os.environ.get("ESSM_KERNELS_LIB", DEFAULT_LIB))
+        if not lib_path.is_file():
+            raise FileNotFoundError(f"kernel library not found: {lib_path} (build plugins/ first)")
+        self.path = lib_path
+        self._lib = ctypes.CDLL(str(lib_path))
+        for name, argtypes in _SIGNATURES.items():
+            fn = getattr(self._lib, name)
+            fn.argtypes = argtypes
+            fn.restype = ctypes.c_int
+
+    def call(self, name: str, *args: Any) -> None:
+        """Launch `name` with `args` (the stream argument is appended); raise on a nonzero code."""
+        stream = torch.cuda.current_stream().cuda_stream
+        code = getattr(self._lib, name)(*args, stream)
+        if code != 0:
+            raise KernelError(name, code)
+
+    def status(self, name: str, *args: Any) -> int:
+        """Launch and return the raw cudaError_t (for checks that expect a rejection)."""
+        return int(getattr(self._lib, name)(*args, torch.cuda.current_stream().cuda_stream))
+
+    def set_scan_rows(self, rows: int) -> int:
+        """Force the prefill scan's channels per thread (1 or 2); 0 restores the heuristic."""
+        return int(self._lib.essm_tuning_set_scan_rows(rows))

@@ -1,0 +1,163 @@
+// Hadamard transform y = scale * (had_m (x) H_{2^k}) x along the last axis, n = m * 2^k, with an
+// optional fused symmetric int8 quantization of the output.
+//
+// One block per row; the row lives in shared memory as float. Element i = a*2^k + b, so the
+// Sylvester factor acts along b independently for each a, and the base matrix acts along a for
+// each b. Sylvester stages are done 4 index bits at a time in registers (16-point transforms):
+// the first pass straight from global memory, the others over shared memory with one barrier per
+// pass. The last pass multiplies by had_m (from shared memory, broadcast) and writes the output.
+#include "common.cuh"
+
+namespace essm {
+namespace {
+
+constexpr int kMaxN = 32768;
+constexpr int kMaxM = 40;
+constexpr int kRadixBits = 4;
+constexpr int kRadix = 1 << kRadixBits;
+
+// In-place Walsh-Hadamard transform of the first `e` (power of two <= 16) entries of v.
+__device__ __forceinline__ void wht_registers(float (&v)[kRadix], int e) {
+#pragma unroll
+  for (int hs = 1; hs < kRadix; hs <<= 1) {
+    if (hs >= e) break;
+#pragma unroll
+    for (int j = 0; j < kRadix; ++j) {
+      if ((j & hs) == 0) {
+        const float u = v[j], w = v[j + hs];
+        v[j] = u + w;
+        v[j + hs] = u - w;
+      }
+    }
+  }
+}
+
+template <typename Tin, typename Tout>
+__global__ void hadamard_kernel(const Tin* __restrict__ x, const float* __restrict__ had_m,
+                                int m, int logk, float scale, float out_scale,
+                                Tout* __restrict__ y, int n) {
+  extern __shared__ __align__(16) float s[];
+  float* hm = s + n;
+  const int64_t row = blockIdx.x;
+  const Tin* xr = x + row * n;
+  Tout* yr = y + row * n;
+  const int K = 1 << logk;
+  const int nthreads = blockDim.x;
+
+  for (int i = threadIdx.x; i < m * m; i += nthreads) hm[i] = m > 1 ? had_m[i] : 1.f;
+
+  // pass 0: groups of e0 consecutive elements (low index bits), loaded from global memory
+  const int bits0 = min(kRadixBits, logk);
+  const int e0 = 1 << bits0;
+  for (int g = threadIdx.x; g < n / e0; g += nthreads) {
+    float v[kRadix];
+    load_run<Tin, kRadix>(xr + static_cast<int64_t>(g) * e0, e0, 1.f, v);
+    wht_registers(v, e0);
+    if (e0 == kRadix) {  // 16-byte stores: 4-way instead of 16-way bank conflicts
+      float4* s4 = reinterpret_cast<float4*>(s + g * kRadix);
+#pragma unroll
+      for (int q = 0; q < kRadix / 4; ++q)
+        s4[q] = make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < kRadix; ++j)
+        if (j < e0) s[g * e0 + j] = v[j];
+    }
+  }
+  __syncthreads();
+
+  // later passes: bits [lo, lo+bits) of b; a group fixes every other bit (and a)
+  for (int lo = bits0; lo < logk; lo += kRadixBits) {
+    const int bits = min(kRadixBits, logk - lo);
+    const int e = 1 << bits;
+    for (int g = threadIdx.x; g < n / e; g += nthreads) {
+      const int a = g / (K >> bits);
+      const int rest = g % (K >> bits);
+      const int low = rest & ((1 << lo) - 1);
+      const int high = rest >> lo;
+      const int base = a * K + (high << (lo + bits)) + low;
+      float v[kRadix];
+#pragma unroll
+      for (int j = 0; j < kRadix; ++j) v[j] = j < e ? s[base + (j << lo)] : 0.f;
+      wht_registers(v, e);
+#pragma unroll
+      for (int j = 0; j < kRadix; ++j)
+        if (j < e) s[base + (j << lo)] = v[j];
+    }
+    __syncthreads();
+  }
+
+  // base-matrix pass + output: y[a'*K + b] = scale * sum_a had_m[a', a] * X[a, b]
+  const bool quantize = std::is_same<Tout, int8_t>::value;
+  for (int bcol = threadIdx.x; bcol < K; bcol += nthreads) {
+    float xa[kMaxM];
+#pragma unroll
+    for (int a = 0; a < kMaxM; ++a) xa[a] = a < m ? s[a * K + bcol] : 0.f;
+    for (int ao = 0; ao < m; ++ao) {
+      float acc = 0.f;
+#pragma unroll
+      for (int a = 0; a < kMaxM; ++a)
+        if (a < m) acc = fmaf(hm[ao * m + a], xa[a], acc);
+      float v = acc * scale;
+      if (quantize) v = v / out_scale;
+      yr[ao * K + bcol] = from_float<Tout>(v);
+    }
+  }
+}
+
+bool hadamard_shape(int m, int n, int* logk) {
+  if (!(m == 1 || m == 12 || m == 20 || m == 28 || m == 40)) return false;
+  if (n <= 0 || n > kMaxN || n % m != 0) return false;
+  const int K = n / m;
+  if ((K & (K - 1)) != 0) return false;
+  int l = 0;
+  while ((1 << l) < K) ++l;
+  *logk = l;
+  return true;
+}
+
+template <typename Tin, typename Tout>
+cudaError_t launch_hadamard(const void* x, const float* had_m, int m, int logk, float scale,
+                            float out_scale, void* y, int64_t rows, int n, cudaStream_t stream) {
+  const size_t smem = sizeof(float) * (static_cast<size_t>(n) + static_cast<size_t>(m) * m);
+  auto kernel = hadamard_kernel<Tin, Tout>;
+  if (smem > 48 * 1024) {
+    int dev = 0, optin = 0;
+    cudaError_t err = cudaGetDevice(&dev);
+    if (err == cudaSuccess)
+      err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+    if (err != cudaSuccess) return err;
+    if (smem > static_cast<size_t>(optin)) return cudaErrorInvalidValue;
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
+  // one thread per 16-element group of the widest pass, 32..512 threads
+  int threads = 32;
+  while (threads < 512 && threads * kRadix < n) threads <<= 1;
+  kernel<<<static_cast<unsigned>(rows), threads, smem, stream>>>(
+      static_cast<const Tin*>(x), had_m, m, logk, scale, out_scale, static_cast<Tout*>(y), n);
+  return launch_status();
+}
+
+}  // namespace
+}  // namespace essm
+
+extern "C" cudaError_t essm_hadamard_transform(essm_dtype in_dtype, essm_dtype out_dtype,
+                                               const void* x, const float* had_m, int m,
+                                               float scale, float out_scale, void* y,
+                                               int64_t rows, int n, cudaStream_t stream) {
+  using namespace essm;
+  int logk = 0;
+  if (!hadamard_shape(m, n, &logk) || rows <= 0 || rows > 0x7fffffff || x == nullptr ||
+      y == nullptr || (m > 1 && had_m == nullptr) ||
+      (out_dtype == ESSM_I8 && !(out_scale > 0.f)))
+    return cudaErrorInvalidValue;
+  return dispatch_float(in_dtype, [&](auto ti) {
+    using Tin = decltype(ti);
+    if (out_dtype == ESSM_I8)
+      return launch_hadamard<Tin, int8_t>(x, had_m, m, logk, scale, out_scale, y, rows, n, stream);
+    if (out_dtype != in_dtype) return cudaErrorInvalidValue;
+    return launch_hadamard<Tin, Tin>(x, had_m, m, logk, scale, out_scale, y, rows, n, stream);
+  });
+}
