@@ -19,3 +19,7 @@ class BackendUnavailable(EdgessmError):
 
 class NumericsError(EdgessmError):
     """NaN/Inf or another numerical failure, named by layer."""
+
+
+class DataError(EdgessmError):
+    """Input text/data for calibration or evaluation is missing, empty or too short."""
