@@ -135,5 +135,119 @@ def bench(model: Path, backend: str, device: str, batch: int, prompt_len: int, n
         atomic_write_json(json_out, {"model": str(model), **result})
 
 
+@main.command()
+@click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output directory.")
+@click.option("--recipe", "recipe_name", default="w8a8", show_default=True,
+              type=click.Choice(["w8a8", "w8a8-naive", "w8a8-percentile", "w4a8", "w4a16"]))
+@click.option("--calib", type=click.Path(exists=True, path_type=Path),
+              help="Calibration text: file, directory of files, or JSON-lines (field \"text\"). Default: calibration/default.txt.")
+@click.option("--num-samples", default=128, show_default=True, type=click.IntRange(1))
+@click.option("--seq-len", default=512, show_default=True, type=click.IntRange(2))
+@click.option("--percentile", type=click.FloatRange(50, 100, min_open=True), help="Clip x at this percentile (recipe default).")
+@click.option("--group-size", type=click.IntRange(0), help="Weight group size (0 = per channel; recipe default).")
+@click.option("--method", type=click.Choice(["gptq", "rtn"]), help="Weight rounding (recipe default).")
+@click.option("--eval-data", type=click.Path(exists=True, path_type=Path), help="Held-out text: report float vs quantized perplexity.")
+@click.option("--eval-window", default=256, show_default=True, type=click.IntRange(2))
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
+@click.option("--device", default="cpu", show_default=True, help="torch device for calibration (cpu, cuda).")
+def quantize(model: Path, out: Path, recipe_name: str, calib: Path | None, num_samples: int, seq_len: int,
+             percentile: float | None, group_size: int | None, method: str | None, eval_data: Path | None,
+             eval_window: int, batch_size: int, device: str) -> None:
+    """Quantize MODEL (Quamba W8A8 / Quamba2 W4A8, W4A16) into OUT, with quant_report.{json,md}."""
+    from edgessm.quant import get_recipe, quantize_checkpoint
+
+    recipe = get_recipe(recipe_name, percentile=percentile, group_size=group_size, method=method)
+    report = quantize_checkpoint(model, out, recipe, calib, num_samples, seq_len, eval_data, eval_window, batch_size,
+                                 device=device)
+    sqnr = [layer["mixer_output_sqnr_db"] for layer in report["layers"]]
+    click.echo(f"wrote {out} ({recipe.name}); mixer output SQNR per layer: min {min(sqnr):.2f} dB, mean {sum(sqnr) / len(sqnr):.2f} dB")
+    if "perplexity" in report:
+        p = report["perplexity"]
+        click.echo(f"perplexity on {p['source']} ({p['tokens']} tokens): float {p['float']:.4f}, quantized {p['quantized']:.4f}")
+
+
+
+@main.command("export")
+@click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output directory.")
+@click.option("--scan", type=click.Choice(["plugin", "portable"]), default="plugin", show_default=True,
+              help="plugin: edgessm custom ops (TensorRT plugins); portable: standard ONNX ops only.")
+@click.option("--graphs", default="prefill,decode", show_default=True, help="Comma-separated: prefill, decode.")
+@click.option("--opset", default=21, show_default=True, type=int)
+@click.option("--external-data-threshold", default=2 * 1024 * 1024, show_default=True, type=click.IntRange(0),
+              help="Total initializer bytes above which weights go to weights.onnx.data.")
+def export_cmd(model: Path, out: Path, scan: str, graphs: str, opset: int, external_data_threshold: int) -> None:
+    """Export MODEL to ONNX: prefill.onnx, decode.onnx, manifest.json (docs/export.md)."""
+    from edgessm.export import export_onnx
+
+    result = export_onnx(model, out, scan=scan, graphs=tuple(g.strip() for g in graphs.split(",") if g.strip()),
+                         opset=opset, external_data_threshold=external_data_threshold)
+    ops = ", ".join(result.manifest["custom_ops"]) or "none"
+    click.echo(f"wrote {out}: {', '.join(result.files)} (scan {scan}, opset {opset}, custom ops: {ops})")
+
+
+@main.command("run")
+@click.argument("onnx_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--tokens", "token_ids", help="Comma-separated prompt token ids (default: --prompt through the tokenizer).")
+@click.option("--prompt", default="", help="Text prompt (tokenizer.json of the export, else bytes).")
+@click.option("--new-tokens", default=16, show_default=True, type=click.IntRange(0))
+@click.option("--compare", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Source checkpoint: also report the logits error vs PyTorch (float64) and greedy agreement.")
+@click.option("--threads", type=click.IntRange(1), help="ONNX Runtime intra-op threads.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def run_cmd(onnx_dir: Path, token_ids: str | None, prompt: str, new_tokens: int, compare: Path | None,
+            threads: int | None, as_json: bool) -> None:
+    """Run an ONNX export with ONNX Runtime: greedy tokens after a prompt, timings, optional check."""
+    from edgessm.config import load_config
+    from edgessm.runtime.ort import run_export
+    from edgessm.runtime.tokenizer import load_tokenizer
+
+    tokenizer = None
+    if token_ids:
+        try:
+            ids = [int(t) for t in token_ids.split(",")]
+        except ValueError as e:
+            raise click.BadParameter(f"expected comma-separated integers, got {token_ids!r}", param_hint="--tokens") from e
+    else:
+        tokenizer = load_tokenizer(onnx_dir, load_config(onnx_dir).vocab_size)
+        ids = tokenizer.encode(prompt) or [0]
+    report = run_export(onnx_dir, np.array([ids], dtype=np.int64), new_tokens, compare, threads)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    new = report["new_tokens"][0]
+    click.echo(tokenizer.decode(ids + new) if tokenizer else " ".join(map(str, ids + new)))
+    click.echo(f"[ort, {report['scan']}] prefill {report['prefill_ms']:.1f} ms, decode {report['decode_ms_per_token']:.2f} ms/token",
+               err=True)
+    if "compare" in report:
+        c = report["compare"]
+        click.echo(f"vs PyTorch float64: prefill logits rel err {c['prefill_rel_err']:.2e}; greedy tokens equal: {c['tokens_equal']}",
+                   err=True)
+
+@main.command()
+@click.argument("onnx_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Engine directory to write (prefill.engine, decode.engine, engine.json).")
+@click.option("--fp16/--no-fp16", default=True, show_default=True, help="Allow float16 kernels (float32 graphs).")
+@click.option("--int8", is_flag=True, help="Allow int8 kernels (graphs with Q/DQ or quantized edgessm ops).")
+@click.option("--prefill-batch", default="1", show_default=True, help="Batch range N or MIN:OPT:MAX.")
+@click.option("--prefill-len", default="1:128:1024", show_default=True, help="Prompt-length range MIN:OPT:MAX.")
+@click.option("--decode-batch", default="1", show_default=True, help="Decode batch range N or MIN:OPT:MAX.")
+@click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), help="Reused/updated timing cache file.")
+@click.option("--plugin", "plugin_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="libedgessm_plugins.so (default: $EDGESSM_PLUGIN_PATH, then plugins/build*/).")
+@click.option("--workspace-mib", type=click.IntRange(1), default=None, help="Builder workspace limit.")
+def build(onnx_dir: Path, out_dir: Path, fp16: bool, int8: bool, prefill_batch: str, prefill_len: str,
+          decode_batch: str, timing_cache: Path | None, plugin_path: Path | None, workspace_mib: int | None) -> None:
+    """Build TensorRT engines (prefill + decode) from an `edgessm export` directory."""
+    from edgessm.build import EngineShapes, Range, build_engine
+
+    shapes = EngineShapes(Range.parse(prefill_batch), Range.parse(prefill_len), Range.parse(decode_batch))
+    out = build_engine(onnx_dir, out_dir, fp16=fp16, int8=int8, shapes=shapes, timing_cache=timing_cache,
+                       plugin_path=plugin_path, workspace_mib=workspace_mib)
+    click.echo(f"engines written to {out}")
+
+
 if __name__ == "__main__":
     main()

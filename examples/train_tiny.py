@@ -18,6 +18,7 @@ processes (Mamba-1's PyTorch path is a Python loop over time, so it leaves the G
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -32,6 +33,7 @@ import sysconfig
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -56,11 +58,13 @@ HELDOUT_FILES = ("textwrap.py", "shlex.py", "fractions.py", "json/decoder.py")
 HELDOUT_CAP_BYTES = 65536
 CALIBRATION_FILES = ("heapq.py", "calendar.py", "queue.py", "graphlib.py", "sched.py", "colorsys.py", "bisect.py")
 CALIBRATION_CAP_BYTES = 49152
+# The CPU test recomputes the held-out metric on this many leading windows (see _final_eval).
+CPU_TEST_WINDOWS = 32
 
 MODEL_SPECS: dict[str, dict[str, Any]] = {
     "mamba1-tiny": {
         "arch": "mamba1",
-        "config": {"hidden_size": 256, "num_hidden_layers": 4, "state_size": 16, "expand": 2, "conv_kernel": 4},
+        "config": {"hidden_size": 256, "num_hidden_layers": 6, "state_size": 16, "expand": 2, "conv_kernel": 4},
         "batch_size": 128,
         "lr": 3e-3,
     },
@@ -180,6 +184,180 @@ def build_corpus() -> Corpus:
     return Corpus(train, heldout, calibration, manifest, info)
 
 
+# --- Train-time scans -------------------------------------------------------------------------
+# The models are trained through transformers' own modules; only the sequence scan inside each
+# mixer is swapped, for the training forward/backward only, by a function of identical
+# semantics (checked against transformers' version before training, and in
+# tests/test_example_models.py in float64). Evaluation and saving use transformers unchanged.
+
+
+class _LinearScan(torch.autograd.Function):
+    """h[t] = a[t] * h[t-1] + b[t] with h[-1] = 0, along dim 0 of (L, ...) tensors; returns h.
+
+    transformers' PyTorch Mamba-1 scan indexes one time step of a (B, D, L, N) tensor per loop
+    iteration; autograd turns every such index into a full-size zero gradient, O(L^2) memory
+    traffic that made one training step take seconds. This loop touches each element O(1) times
+    in each direction.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        a, b = a.contiguous(), b.contiguous()
+        h = torch.empty_like(b)
+        h[0] = b[0]
+        for t in range(1, b.shape[0]):
+            torch.addcmul(b[t], a[t], h[t - 1], out=h[t])
+        ctx.save_for_backward(a, h)
+        return h
+
+    @staticmethod
+    def backward(ctx: Any, grad_h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a, h = ctx.saved_tensors
+        grad_h = grad_h.contiguous()
+        grad_b = torch.empty_like(grad_h)  # dLoss/dh[t] including the path through h[t+1]
+        grad_b[-1] = grad_h[-1]
+        for t in range(grad_h.shape[0] - 2, -1, -1):
+            torch.addcmul(grad_h[t], a[t + 1], grad_b[t + 1], out=grad_b[t])
+        grad_a = torch.zeros_like(a)
+        grad_a[1:] = grad_b[1:] * h[:-1]
+        return grad_a, grad_b
+
+
+def mamba1_scan_train(
+    hidden_states: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    **_: Any,
+) -> torch.Tensor:
+    """Drop-in for transformers' `mamba_selective_scan` (no cache): x (b,d,l), dt (b,d,l), A (d,n), B/C (b,n,l)."""
+    if return_last_state:
+        raise ValueError("mamba1_scan_train is for training forwards without a cache")
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(dt.dtype)[..., None]
+    if delta_softplus:
+        dt = F.softplus(dt)
+    dt_t = dt.float().permute(2, 0, 1)  # (l, b, d)
+    a = torch.exp(A[None, None] * dt_t[..., None])  # (l, b, d, n)
+    b = (dt_t * hidden_states.float().permute(2, 0, 1))[..., None] * B.float().permute(2, 0, 1)[:, :, None, :]
+    h = _LinearScan.apply(a, b)
+    y = torch.einsum("lbdn,lbn->bdl", h, C.float().permute(2, 0, 1))
+    if D is not None:
+        y = y + hidden_states * D[None, :, None]
+    if z is not None:
+        y = y * F.silu(z)
+    return y
+
+
+def mamba2_scan_train(
+    hidden_states: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    D: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    initial_states: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = (0.0, float("inf")),
+    return_final_states: bool = False,
+    **_: Any,
+) -> torch.Tensor:
+    """Drop-in for transformers' `mamba2_chunk_scan` (no cache): the same chunked SSD algorithm with
+    its contractions written as einsums, where transformers 5.17 multiplies out 6-D broadcasts
+    (several GB per layer at batch 128) before summing them.
+    x (b,l,h,p), dt (b,l,h), A (h), B/C (b,l,g,n)."""
+    from transformers.models.mamba2.modeling_mamba2 import segment_sum
+
+    if initial_states is not None or return_final_states:
+        raise ValueError("mamba2_scan_train is for training forwards without a cache")
+    bsz, seqlen, nheads, headdim = hidden_states.shape
+    if seqlen % chunk_size:
+        raise ValueError(f"sequence length {seqlen} is not a multiple of chunk_size {chunk_size}")
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(dt.dtype)
+    if dt_softplus:
+        dt = F.softplus(dt)
+    dt = torch.clamp(dt, min=dt_limit[0], max=dt_limit[1]).float()
+    x = hidden_states.float()
+    rep = nheads // B.shape[2]
+    nchunks = seqlen // chunk_size
+
+    def chunks(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(bsz, nchunks, chunk_size, *t.shape[2:])
+
+    Bc = chunks(B.float().repeat_interleave(rep, dim=2))  # (b, c, l, h, n)
+    Cc = chunks(C.float().repeat_interleave(rep, dim=2))
+    xdt = chunks(x * dt[..., None])  # (b, c, l, h, p)
+    Adt = chunks(A.float() * dt).permute(0, 3, 1, 2)  # (b, h, c, l)
+    A_cumsum = torch.cumsum(Adt, dim=-1)
+    # 1. within-chunk (diagonal blocks)
+    L = torch.exp(segment_sum(Adt))  # (b, h, c, l, s)
+    G = torch.einsum("bclhn,bcshn->bclsh", Cc, Bc)
+    Y_diag = torch.einsum("bclsh,bcshp->bclhp", G * L.permute(0, 2, 3, 4, 1), xdt)
+    # 2. state at the end of each chunk
+    decay_states = torch.exp(A_cumsum[..., -1:] - A_cumsum)  # (b, h, c, l)
+    states = torch.einsum("bclhn,bhcl,bclhp->bchpn", Bc, decay_states, xdt)
+    # 3. recurrence over chunks
+    states = torch.cat([torch.zeros_like(states[:, :1]), states], dim=1)
+    decay_chunk = torch.exp(segment_sum(F.pad(A_cumsum[..., -1], (1, 0))))  # (b, h, c+1, c+1)
+    states = torch.einsum("bhzc,bchpn->bzhpn", decay_chunk, states)[:, :-1]
+    # 4. contribution of the carried-in state
+    Y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", Cc, states, torch.exp(A_cumsum))
+    y = (Y_diag + Y_off).reshape(bsz, seqlen, nheads, headdim)
+    if D is not None:
+        y = y + D[..., None] * x
+    return y
+
+
+class _Counted:
+    """Wraps a function and counts calls, to prove a patch is actually on the model's path."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        return self.fn(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def train_time_scan(arch: str) -> Iterator[_Counted]:
+    """Swap the scan that `arch`'s transformers mixer calls by name for its train-time version."""
+    if arch == "mamba1":
+        from transformers.models.mamba import modeling_mamba as module
+
+        name, fn = "mamba_selective_scan", mamba1_scan_train
+    else:
+        from transformers.models.mamba2 import modeling_mamba2 as module
+
+        name, fn = "mamba2_chunk_scan", mamba2_scan_train
+    original, counted = getattr(module, name), _Counted(fn)
+    setattr(module, name, counted)
+    try:
+        yield counted
+    finally:
+        setattr(module, name, original)
+
+
+@torch.no_grad()
+def check_train_time_scan(model: torch.nn.Module, arch: str, ids: torch.Tensor) -> float:
+    """Relative L2 difference of fp32 logits, train-time scan vs transformers' own, on `ids`."""
+    ref = model(input_ids=ids, use_cache=False).logits.double()
+    with train_time_scan(arch) as counted:
+        out = model(input_ids=ids, use_cache=False).logits.double()
+    if counted.calls != model.config.num_hidden_layers:
+        raise RuntimeError(f"train-time {arch} scan was called {counted.calls} times, expected one per layer")
+    return float((out - ref).norm() / ref.norm())
+
+
 def build_model(spec: dict[str, Any]) -> torch.nn.Module:
     from transformers import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 
@@ -196,14 +374,16 @@ def build_model(spec: dict[str, Any]) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def heldout_nll(model: torch.nn.Module, text: bytes, batch_windows: int = 64) -> tuple[float, int]:
+def heldout_nll(
+    model: torch.nn.Module, text: bytes, max_windows: int | None = None, batch_windows: int = 64
+) -> tuple[float, int]:
     """Mean next-byte NLL (nats) on `text` with the fixed protocol of docs/training.md.
 
-    Non-overlapping windows text[256k : 256(k+1)], k < len(text) // 256 (the tail is dropped);
-    each window is one independent sequence and is scored on predicting its bytes 1..255 from
-    the bytes before them. Returns (mean NLL over all scored bytes, number of windows).
+    Non-overlapping windows text[256k : 256(k+1)], k < min(len(text) // 256, max_windows) (the
+    tail is dropped); each window is one independent sequence and is scored on predicting its
+    bytes 1..255 from the bytes before them. Returns (mean NLL over all scored bytes, windows).
     """
-    n_windows = len(text) // SEQ_LEN
+    n_windows = min(len(text) // SEQ_LEN, max_windows or sys.maxsize)
     ids = torch.frombuffer(bytearray(text[: n_windows * SEQ_LEN]), dtype=torch.uint8).long().view(n_windows, SEQ_LEN)
     device = next(model.parameters()).device
     total = 0.0
@@ -275,7 +455,7 @@ def _train_loop(model: torch.nn.Module, spec: dict[str, Any], corpus: Corpus, ar
         for group in opt.param_groups:
             group["lr"] = lr
         batch = batches.next()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda), train_time_scan(spec["arch"]):
             loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), HPARAMS["grad_clip_norm"])
@@ -311,7 +491,9 @@ def _train_loop(model: torch.nn.Module, spec: dict[str, Any], corpus: Corpus, ar
                 last_eval = time.perf_counter()
     if use_cuda:
         torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if use_cuda else None
     return {
+        "peak_gpu_memory_gib": peak,
         "steps": step,
         "tokens_seen": step * spec["batch_size"] * SEQ_LEN,
         "train_wall_s": round(time.perf_counter() - t0, 2),
@@ -327,6 +509,7 @@ def _final_eval(model: torch.nn.Module, corpus: Corpus) -> dict[str, Any]:
     torch.backends.cudnn.allow_tf32 = False
     model.float().eval()
     nll, n_windows = heldout_nll(model, corpus.heldout)
+    test_nll, _ = heldout_nll(model, corpus.heldout, max_windows=CPU_TEST_WINDOWS)
     uni = unigram_nll(corpus.heldout)
     return {
         "protocol": (
@@ -341,6 +524,11 @@ def _final_eval(model: torch.nn.Module, corpus: Corpus) -> dict[str, Any]:
         "perplexity": math.exp(nll),
         "bits_per_byte": nll / math.log(2),
         "unigram_heldout_perplexity": math.exp(uni),
+        # HF's Mamba-1 PyTorch path loops over time: all windows take minutes on a 2-core CPU, so
+        # tests/test_example_models.py recomputes this prefix metric instead.
+        "cpu_test_windows": CPU_TEST_WINDOWS,
+        "cpu_test_nll": test_nll,
+        "cpu_test_perplexity": math.exp(test_nll),
     }
 
 
@@ -349,6 +537,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
     os.replace(tmp, path)
 
 
@@ -358,6 +547,9 @@ def _save(model: torch.nn.Module, log: dict[str, Any], target: Path) -> None:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     model.save_pretrained(tmp)  # transformers 5 always writes safetensors
     (tmp / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
+    tmp.chmod(0o755)  # mkdtemp makes 0700 directories
+    for f in tmp.iterdir():
+        f.chmod(0o644)
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)
@@ -373,6 +565,11 @@ def train_one(name: str, args: argparse.Namespace) -> None:
     model = build_model(spec).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     LOG.info("%s: %d parameters, batch %d x %d, device %s", name, n_params, spec["batch_size"], SEQ_LEN, device)
+    check_ids = torch.frombuffer(bytearray(corpus.heldout[: 4 * SEQ_LEN]), dtype=torch.uint8).long().view(4, SEQ_LEN)
+    scan_rel_err = check_train_time_scan(model.eval(), spec["arch"], check_ids.to(device))
+    LOG.info("train-time scan vs transformers' (fp32 logits, 4 held-out windows): rel. L2 diff %.2e", scan_rel_err)
+    if not scan_rel_err < 1e-4:
+        raise RuntimeError(f"{name}: train-time scan differs from transformers' by {scan_rel_err:.2e} (limit 1e-4)")
     t_start = time.perf_counter()
     result = _train_loop(model, spec, corpus, args, seed)
     final = _final_eval(model, corpus)
@@ -388,6 +585,10 @@ def train_one(name: str, args: argparse.Namespace) -> None:
         "special_tokens": f"pad = bos = eos = {SPECIAL_TOKEN_ID} (NUL byte, absent from the text); token id = byte value",
         "versions": _versions(),
         "data": corpus.info,
+        "train_time_scan": {
+            "what": f"training forward/backward used train_tiny.{spec['arch']}_scan_train in place of transformers' scan",
+            "rel_l2_logits_vs_transformers_fp32": scan_rel_err,
+        },
         "training": result,
         "heldout_eval": final,
         "total_wall_s": round(time.perf_counter() - t_start, 2),

@@ -57,3 +57,14 @@ def test_cli_reports_bad_checkpoints_without_traceback(tmp_path) -> None:
     result = CliRunner().invoke(main, ["info", str(tmp_path)])
     assert result.exit_code == 1
     assert "config.json: not valid JSON" in result.output and "Traceback" not in result.output
+
+
+def test_build_without_tensorrt_says_what_to_install(tmp_path) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("tensorrt is installed here; the missing-TensorRT message cannot be shown")
+    result = CliRunner().invoke(main, ["build", str(tmp_path), "-o", str(tmp_path / "engine")])
+    assert result.exit_code == 1
+    assert "pip install tensorrt" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "engine").exists()

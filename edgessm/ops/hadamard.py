@@ -121,7 +121,7 @@ def hadamard_transform(x: torch.Tensor, scale: float | None = None) -> torch.Ten
     cd = torch.float64 if x.dtype == torch.float64 else torch.float32
     y = _fwht(x.to(cd).reshape(*x.shape[:-1], m, p))  # [..., a, b]: Sylvester part along b
     if m > 1:
-        y = torch.einsum("ac,...cb->...ab", _base(m).to(cd), y)
+        y = torch.einsum("ac,...cb->...ab", _base(m).to(device=x.device, dtype=cd), y)
     y = y.reshape(x.shape)
     s = 1.0 / math.sqrt(n) if scale is None else scale
     return (y * s).to(x.dtype)

@@ -21,8 +21,6 @@ clustering and Mamba-2 ``scale_ssm_B`` / ``scale_ssm_C`` [n_groups] with per-gro
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
 
@@ -39,8 +37,6 @@ from edgessm.quant.observers import HessianObserver, RangeObserver, SqnrMeter, c
 from edgessm.quant.primitives import Act, QTensor, as_float, quantize, scale_from_absmax, sqnr_db
 from edgessm.quant.recipe import Recipe
 from edgessm.quant.weights import quantize_gptq, quantize_rtn
-
-log = logging.getLogger(__name__)
 
 DEFAULT_REPORT_PERCENTILE = 99.999
 
@@ -70,6 +66,8 @@ class QuantMixerBase(nn.Module):
         super().__init__()
         self.config, self.recipe, self.layer_idx = config, recipe, layer_idx
         self.hadamard = recipe.hadamard
+        # False while the weights are still float (calibration phase): quantization points pass through.
+        self.quantized = True
         self._observers: dict[str, RangeObserver] | None = None
         self._hessians: dict[str, HessianObserver] | None = None
         self.meters: dict[str, SqnrMeter] | None = None
@@ -98,7 +96,7 @@ class QuantMixerBase(nn.Module):
             check_finite(t, self.where(site))
             self._observers[site].update(t)
             return t
-        if not self.recipe.quantize_activations:
+        if not (self.quantized and self.recipe.quantize_activations):
             return t
         scale = _broadcast_scale(getattr(self, f"scale_{site}"), t.shape[-1])
         qt = QTensor(quantize(t, scale, 8), scale)
@@ -123,7 +121,7 @@ class QuantMixerBase(nn.Module):
         return self.linear("out_proj", self.act("out_in", y))
 
     def _fold_hadamard(self, out_proj: nn.Linear) -> nn.Linear:
-        h = hadamard_matrix(out_proj.in_features, torch.float64, normalized=True)
+        h = hadamard_matrix(out_proj.in_features, torch.float64, normalized=True).to(out_proj.weight.device)
         return _copy_linear(out_proj, (out_proj.weight.double() @ h.T).float())
 
     # ---- calibration -----------------------------------------------------------------------
@@ -151,6 +149,7 @@ class QuantMixerBase(nn.Module):
             for site in self.SITES:
                 with torch.no_grad():
                     getattr(self, f"scale_{site}").copy_(scale_from_absmax(self.site_absmax(site, observers[site]), 8))
+        self.quantized = True
         weight_sqnr = {}
         for name in self.LINEARS:
             float_lin: nn.Linear = getattr(self, name)
@@ -162,16 +161,10 @@ class QuantMixerBase(nn.Module):
                                               self.recipe.gptq_damp)
             else:
                 codes, scales = quantize_rtn(w, self.recipe.w_bits, self.recipe.group_size)
-            qlin = QuantLinear.from_codes(codes, scales, float_lin.bias, self.recipe.w_bits, self.recipe.group_size)
+            qlin = QuantLinear.from_codes(codes, scales, float_lin.bias, self.recipe.w_bits, self.recipe.group_size).to(w.device)
             weight_sqnr[name] = sqnr_db(w, qlin.dequantized_weight())
             setattr(self, name, qlin)
         return weight_sqnr
-
-    def set_mode(self, mode: str) -> None:
-        for name in self.LINEARS:
-            module = getattr(self, name)
-            if isinstance(module, QuantLinear):
-                module.mode = mode  # type: ignore[assignment]
 
     def _conv(self, x: torch.Tensor, state: LayerState | None, decode: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [B, C, L] float → (silu(conv) [B, C, L], conv_state)."""
@@ -207,6 +200,7 @@ class QuantMamba1Mixer(QuantMixerBase):
     @classmethod
     def from_float(cls, mixer: Mamba1Mixer, recipe: Recipe, layer_idx: int) -> QuantMamba1Mixer:
         q = cls(mixer.config, recipe, layer_idx)
+        q.quantized = False
         q.conv1d.load_state_dict(mixer.conv1d.state_dict())
         with torch.no_grad():
             q.A_log.copy_(mixer.A_log)
@@ -279,6 +273,7 @@ class QuantMamba2Mixer(QuantMixerBase):
     @classmethod
     def from_float(cls, mixer: Mamba2Mixer, recipe: Recipe, layer_idx: int) -> QuantMamba2Mixer:
         q = cls(mixer.config, recipe, layer_idx)
+        q.quantized = False
         q.conv1d.load_state_dict(mixer.conv1d.state_dict())
         q.norm.load_state_dict(mixer.norm.state_dict())
         with torch.no_grad():
@@ -301,7 +296,8 @@ class QuantMamba2Mixer(QuantMixerBase):
         labels = self.cluster_labels
         if labels is None:
             raise ValueError(f"{self.where('ssm_x')}: cluster_x is set but the channels were not clustered")
-        cluster_max = torch.zeros(int(labels.max()) + 1).scatter_reduce(0, labels, channel_absmax, "amax")
+        labels = labels.to(channel_absmax.device)
+        cluster_max = channel_absmax.new_zeros(int(labels.max()) + 1).scatter_reduce(0, labels, channel_absmax, "amax")
         return cluster_max[labels]
 
     def forward(self, hidden: torch.Tensor, state: LayerState | None = None) -> tuple[torch.Tensor, LayerState]:

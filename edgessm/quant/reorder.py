@@ -63,7 +63,7 @@ def sort_and_cluster(
     channel_absmax: torch.Tensor, n_groups: int, head_dim: int, head_clusters: int, dim_clusters: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(channel permutation [d_inner], head permutation [n_heads], cluster label per new channel)."""
-    a = channel_absmax.float().reshape(n_groups, -1, head_dim)
+    a = channel_absmax.float().cpu().reshape(n_groups, -1, head_dim)
     heads_per_group = a.shape[1]
     perm, head_perm, labels = [], [], []
     next_label = 0
@@ -97,9 +97,10 @@ def apply_reorder(mixer: QuantMamba2Mixer, perm: torch.Tensor, head_perm: torch.
     """Permute a float-phase Mamba-2 quant mixer's channels (``perm``) and heads (``head_perm``) in place."""
     cfg = mixer.config
     di = cfg.d_inner
-    bc = torch.arange(2 * di, di + cfg.conv_dim)
+    perm, head_perm = perm.to(mixer.D.device), head_perm.to(mixer.D.device)
+    bc = torch.arange(2 * di, di + cfg.conv_dim, device=perm.device)
     _rows(mixer.in_proj, torch.cat([perm, di + perm, bc, di + cfg.conv_dim + head_perm]))
-    conv_index = torch.cat([perm, torch.arange(di, cfg.conv_dim)])
+    conv_index = torch.cat([perm, torch.arange(di, cfg.conv_dim, device=perm.device)])
     mixer.conv1d.weight.copy_(mixer.conv1d.weight[conv_index])
     if mixer.conv1d.bias is not None:
         mixer.conv1d.bias.copy_(mixer.conv1d.bias[conv_index])
@@ -109,7 +110,7 @@ def apply_reorder(mixer: QuantMamba2Mixer, perm: torch.Tensor, head_perm: torch.
     mixer.norm.weight.copy_(mixer.norm.weight[perm])
     w = mixer.out_proj.weight.double()
     if mixer.hadamard:  # out_proj holds W Hᵀ: undo the fold, permute W's columns, fold again
-        h = hadamard_matrix(di, torch.float64, normalized=True)
+        h = hadamard_matrix(di, torch.float64, normalized=True).to(w.device)
         w = (w @ h)[:, perm] @ h.T
     else:
         w = w[:, perm]

@@ -62,11 +62,11 @@ def quantize_gptq(
     if hessian.shape != (cols, cols):
         raise ValueError(f"GPTQ: Hessian shape {tuple(hessian.shape)} does not match weight columns {cols}")
     W = w.detach().to(torch.float64).clone()
-    H = hessian.detach().to(torch.float64).clone()
+    H = hessian.detach().to(device=W.device, dtype=torch.float64).clone()
     dead = torch.diag(H) == 0  # inputs that were always zero: their weights cannot matter
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    H += damp * torch.diag(H).mean() * torch.eye(cols, dtype=torch.float64)
+    H += damp * torch.diag(H).mean() * torch.eye(cols, dtype=torch.float64, device=H.device)
     try:
         L = torch.linalg.cholesky(H)
         Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
@@ -74,8 +74,8 @@ def quantize_gptq(
         raise NumericsError(f"GPTQ: Hessian is not positive definite even after damping ({e})") from e
     per_row = g == cols
     scales = scale_from_absmax(W.abs().amax(1, keepdim=True), bits).double() if per_row else None
-    group_scales = torch.empty(out, n_groups(cols, group_size), dtype=torch.float64)
-    Q = torch.empty(out, cols, dtype=torch.int8)
+    group_scales = torch.empty(out, n_groups(cols, group_size), dtype=torch.float64, device=W.device)
+    Q = torch.empty(out, cols, dtype=torch.int8, device=W.device)
     lo, hi = -qmax(bits) - 1, qmax(bits)
     block = block if per_row else g * max(1, block // g)
     for i1 in range(0, cols, block):

@@ -71,7 +71,7 @@ _SIGNATURES: dict[str, list[Any]] = {
     "essm_ssd_state_update": [_I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _I, _F, _F,
                               ctypes.POINTER(SsdScales), _P, _P, _I, _I, _I, _I, _I, _P],
     "essm_hadamard_transform": [_I, _I, _P, _P, _I, _F, _F, _P, _I64, _I, _P],
-    "essm_tuning_set_scan_rows": [_I],
+    "essm_tuning_set_scan_variant": [_I, _I],
 }
 
 
@@ -88,7 +88,7 @@ class KernelLib:
     """Loaded libedgessm_kernels.so; `call(name, ...)` launches on torch's current stream."""
 
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
-        lib_path = Path(path or os.environ.get("ESSM_KERNELS_LIB", DEFAULT_LIB))
+        lib_path = Path(path or os.environ.get("EDGESSM_KERNELS_LIB", DEFAULT_LIB))
         if not lib_path.is_file():
             raise FileNotFoundError(f"kernel library not found: {lib_path} (build plugins/ first)")
         self.path = lib_path
@@ -109,6 +109,8 @@ class KernelLib:
         """Launch and return the raw cudaError_t (for checks that expect a rejection)."""
         return int(getattr(self._lib, name)(*args, torch.cuda.current_stream().cuda_stream))
 
-    def set_scan_rows(self, rows: int) -> int:
-        """Force the prefill scan's channels per thread (1 or 2); 0 restores the heuristic."""
-        return int(self._lib.essm_tuning_set_scan_rows(rows))
+    def set_scan_variant(self, variant: int, segments: int = 0) -> int:
+        """Force the prefill scan variant (selective_scan.cu): 0 heuristic, 1/2 chunked parallel scan
+        with 1/2 channels per thread, 3 segmented sequential scan (dstate <= 16) with `segments`
+        time segments (a power of two <= 32; 0 = heuristic). Returns the variant in force."""
+        return int(self._lib.essm_tuning_set_scan_variant(variant, segments))

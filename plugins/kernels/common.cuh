@@ -45,8 +45,16 @@ using VecWord = typename std::conditional<
                               typename std::conditional<BYTES % 4 == 0, uint32_t,
                                                         uint16_t>::type>::type>::type;
 
-// Loads v[i] = scale * p[i] for i < N, i < valid (zero beyond `valid`). Uses wide loads when the
-// whole run is valid and the address is aligned for them; scalar loads otherwise.
+// Dequantized value of one loaded element: int8 inputs are scaled, float inputs are exact (their
+// scale argument is ignored, which saves a multiply per element in the scans' inner loops).
+template <typename T>
+__device__ __forceinline__ float dequant(T v, float scale) {
+  if constexpr (std::is_same<T, int8_t>::value) return to_float(v) * scale;
+  return to_float(v);
+}
+
+// Loads v[i] = dequant(p[i], scale) for i < N, i < valid (zero beyond `valid`). Uses wide loads
+// when the whole run is valid and the address is aligned for them; scalar loads otherwise.
 template <typename T, int N>
 __device__ __forceinline__ void load_run(const T* __restrict__ p, int valid, float scale,
                                          float (&v)[N]) {
@@ -60,10 +68,10 @@ __device__ __forceinline__ void load_run(const T* __restrict__ p, int valid, flo
     T e[N];
     memcpy(e, w, kBytes);
 #pragma unroll
-    for (int i = 0; i < N; ++i) v[i] = to_float(e[i]) * scale;
+    for (int i = 0; i < N; ++i) v[i] = dequant(e[i], scale);
   } else {
 #pragma unroll
-    for (int i = 0; i < N; ++i) v[i] = i < valid ? to_float(p[i]) * scale : 0.f;
+    for (int i = 0; i < N; ++i) v[i] = i < valid ? dequant(p[i], scale) : 0.f;
   }
 }
 
@@ -90,7 +98,7 @@ __device__ __forceinline__ void store_run(T* __restrict__ p, int valid, const fl
 
 template <typename T>
 __device__ __forceinline__ float load1(const T* __restrict__ p, float scale) {
-  return to_float(__ldg(p)) * scale;
+  return dequant(__ldg(p), scale);
 }
 
 // ---- math -------------------------------------------------------------------------------------

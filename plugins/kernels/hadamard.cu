@@ -12,7 +12,6 @@ namespace essm {
 namespace {
 
 constexpr int kMaxN = 32768;
-constexpr int kMaxM = 40;
 constexpr int kRadixBits = 4;
 constexpr int kRadix = 1 << kRadixBits;
 
@@ -32,10 +31,20 @@ __device__ __forceinline__ void wht_registers(float (&v)[kRadix], int e) {
   }
 }
 
-template <typename Tin, typename Tout>
+// Output value before conversion: scaled, and divided by the quantization step for int8 outputs
+// (a true division, as in the reference, so that rounding ties land the same way).
+template <typename Tout>
+__device__ __forceinline__ float finish_value(float acc, float scale, float out_scale) {
+  const float v = acc * scale;
+  if constexpr (std::is_same<Tout, int8_t>::value) return v / out_scale;
+  return v;
+}
+
+template <typename Tin, typename Tout, int M>
 __global__ void hadamard_kernel(const Tin* __restrict__ x, const float* __restrict__ had_m,
-                                int m, int logk, float scale, float out_scale,
-                                Tout* __restrict__ y, int n) {
+                                int logk, float scale, float out_scale, Tout* __restrict__ y,
+                                int n) {
+  constexpr int m = M;
   extern __shared__ __align__(16) float s[];
   float* hm = s + n;
   const int64_t row = blockIdx.x;
@@ -44,7 +53,7 @@ __global__ void hadamard_kernel(const Tin* __restrict__ x, const float* __restri
   const int K = 1 << logk;
   const int nthreads = blockDim.x;
 
-  for (int i = threadIdx.x; i < m * m; i += nthreads) hm[i] = m > 1 ? had_m[i] : 1.f;
+  for (int i = threadIdx.x; i < m * m; i += nthreads) hm[i] = M > 1 ? had_m[i] : 1.f;
 
   // pass 0: groups of e0 consecutive elements (low index bits), loaded from global memory
   const int bits0 = min(kRadixBits, logk);
@@ -88,19 +97,26 @@ __global__ void hadamard_kernel(const Tin* __restrict__ x, const float* __restri
   }
 
   // base-matrix pass + output: y[a'*K + b] = scale * sum_a had_m[a', a] * X[a, b]
-  const bool quantize = std::is_same<Tout, int8_t>::value;
-  for (int bcol = threadIdx.x; bcol < K; bcol += nthreads) {
-    float xa[kMaxM];
+  if constexpr (M == 1) {
+    // 8 consecutive outputs per thread: two 16-byte shared loads and one wide global store
+    for (int b0 = threadIdx.x * 8; b0 < K; b0 += nthreads * 8) {
+      float v[8];
 #pragma unroll
-    for (int a = 0; a < kMaxM; ++a) xa[a] = a < m ? s[a * K + bcol] : 0.f;
-    for (int ao = 0; ao < m; ++ao) {
-      float acc = 0.f;
+      for (int j = 0; j < 8; ++j) v[j] = b0 + j < K ? finish_value<Tout>(s[b0 + j], scale, out_scale) : 0.f;
+      store_run<Tout, 8>(yr + b0, K - b0, v);
+    }
+  } else {
+    for (int bcol = threadIdx.x; bcol < K; bcol += nthreads) {
+      float xa[M];
 #pragma unroll
-      for (int a = 0; a < kMaxM; ++a)
-        if (a < m) acc = fmaf(hm[ao * m + a], xa[a], acc);
-      float v = acc * scale;
-      if (quantize) v = v / out_scale;
-      yr[ao * K + bcol] = from_float<Tout>(v);
+      for (int a = 0; a < M; ++a) xa[a] = s[a * K + bcol];
+#pragma unroll 1
+      for (int ao = 0; ao < M; ++ao) {
+        float acc = 0.f;
+#pragma unroll
+        for (int a = 0; a < M; ++a) acc = fmaf(hm[ao * M + a], xa[a], acc);
+        yr[ao * K + bcol] = from_float<Tout>(finish_value<Tout>(acc, scale, out_scale));
+      }
     }
   }
 }
@@ -116,11 +132,11 @@ bool hadamard_shape(int m, int n, int* logk) {
   return true;
 }
 
-template <typename Tin, typename Tout>
-cudaError_t launch_hadamard(const void* x, const float* had_m, int m, int logk, float scale,
-                            float out_scale, void* y, int64_t rows, int n, cudaStream_t stream) {
-  const size_t smem = sizeof(float) * (static_cast<size_t>(n) + static_cast<size_t>(m) * m);
-  auto kernel = hadamard_kernel<Tin, Tout>;
+template <typename Tin, typename Tout, int M>
+cudaError_t launch_hadamard_m(const void* x, const float* had_m, int logk, float scale,
+                              float out_scale, void* y, int64_t rows, int n, cudaStream_t stream) {
+  const size_t smem = sizeof(float) * (static_cast<size_t>(n) + static_cast<size_t>(M) * M);
+  auto kernel = hadamard_kernel<Tin, Tout, M>;
   if (smem > 48 * 1024) {
     int dev = 0, optin = 0;
     cudaError_t err = cudaGetDevice(&dev);
@@ -136,8 +152,21 @@ cudaError_t launch_hadamard(const void* x, const float* had_m, int m, int logk, 
   int threads = 32;
   while (threads < 512 && threads * kRadix < n) threads <<= 1;
   kernel<<<static_cast<unsigned>(rows), threads, smem, stream>>>(
-      static_cast<const Tin*>(x), had_m, m, logk, scale, out_scale, static_cast<Tout*>(y), n);
+      static_cast<const Tin*>(x), had_m, logk, scale, out_scale, static_cast<Tout*>(y), n);
   return launch_status();
+}
+
+template <typename Tin, typename Tout>
+cudaError_t launch_hadamard(const void* x, const float* had_m, int m, int logk, float scale,
+                            float out_scale, void* y, int64_t rows, int n, cudaStream_t stream) {
+  switch (m) {
+    case 1: return launch_hadamard_m<Tin, Tout, 1>(x, had_m, logk, scale, out_scale, y, rows, n, stream);
+    case 12: return launch_hadamard_m<Tin, Tout, 12>(x, had_m, logk, scale, out_scale, y, rows, n, stream);
+    case 20: return launch_hadamard_m<Tin, Tout, 20>(x, had_m, logk, scale, out_scale, y, rows, n, stream);
+    case 28: return launch_hadamard_m<Tin, Tout, 28>(x, had_m, logk, scale, out_scale, y, rows, n, stream);
+    case 40: return launch_hadamard_m<Tin, Tout, 40>(x, had_m, logk, scale, out_scale, y, rows, n, stream);
+    default: return cudaErrorInvalidValue;
+  }
 }
 
 }  // namespace

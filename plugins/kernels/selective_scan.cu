@@ -106,10 +106,22 @@ __global__ void __launch_bounds__(kScanThreads)
       }
     }
 
+    // B/C rows of state n are loaded one iteration ahead so that their latency overlaps the
+    // previous state's scan.
+    float Bn[kScanItems], Cn[kScanItems];
+    load_run<Tin, kScanItems>(Bm + tt, valid, p.B_scale, Bn);
+    load_run<Tin, kScanItems>(Cm + tt, valid, p.C_scale, Cn);
     for (int n = 0; n < N; ++n, ++it) {
       float Bv[kScanItems], Cv[kScanItems];
-      load_run<Tin, kScanItems>(Bm + static_cast<int64_t>(n) * L + tt, valid, p.B_scale, Bv);
-      load_run<Tin, kScanItems>(Cm + static_cast<int64_t>(n) * L + tt, valid, p.C_scale, Cv);
+#pragma unroll
+      for (int i = 0; i < kScanItems; ++i) {
+        Bv[i] = Bn[i];
+        Cv[i] = Cn[i];
+      }
+      if (n + 1 < N) {
+        load_run<Tin, kScanItems>(Bm + static_cast<int64_t>(n + 1) * L + tt, valid, p.B_scale, Bn);
+        load_run<Tin, kScanItems>(Cm + static_cast<int64_t>(n + 1) * L + tt, valid, p.C_scale, Cn);
+      }
       float a[R][kScanItems], h[R][kScanItems], Agg[R], Hagg[R];
 #pragma unroll
       for (int r = 0; r < R; ++r) {
@@ -198,11 +210,228 @@ __global__ void __launch_bounds__(kScanThreads)
   }
 }
 
-// Benchmark/tuning override of the rows (channels) per thread; 0 = heuristic.
-int g_scan_rows_override = 0;
+// ---- segmented sequential variant (dstate <= 16) ---------------------------------------------
+// Thread (channel c, segment s) keeps all (<= 16) states of its channel in registers and walks its
+// segment of the sequence token by token: per (token, state) one exp2 and four FMA-pipe
+// operations, no shuffles and no per-state barriers. B and C of kSeqTile tokens of every segment
+// are staged in shared memory (transposed to [token][state], so the inner loop reads them as
+// warp-broadcast float4s). With S > 1 segments the scan runs twice: pass 1 computes each
+// segment's end state from a zero state and its sum of dt, a short sequential combine over the
+// segments gives every segment its true initial state (the decay over a segment is
+// exp(A * sum dt)), and pass 2 recomputes the segment from it while producing y.
+constexpr int kSeqThreads = 128;
+constexpr int kSeqStates = 16;
+constexpr int kSeqTile = 8;
+constexpr int kSeqMaxSegs = 32;
+constexpr int kSeqSegStride = kSeqTile * kSeqStates + 4;  // +4 floats: segments hit distinct banks
+
+size_t seq_smem_bytes(int segs) {
+  const size_t tiles = 2 * static_cast<size_t>(segs) * kSeqSegStride;
+  const size_t combine = 2 * kSeqThreads * kSeqStates + kSeqThreads;
+  return sizeof(float) * (tiles > combine ? tiles : combine);
+}
+
+// Stages B (and C when `with_c`) for tokens [s*seg_len + t0, +kSeqTile) of every segment s into
+// Bs/Cs[s][token][state] (zeros past the sequence end and for states >= dstate).
+template <typename Tin>
+__device__ __forceinline__ void seq_stage(float* Bs, float* Cs, bool with_c, const Tin* Bb,
+                                          const Tin* Cb, float B_scale, float C_scale, int N, int L,
+                                          int segs, int seg_len, int t0) {
+  // Unrolled to its compile-time bound so that all loads are in flight before the first use.
+  constexpr int kMaxIters = kSeqMaxSegs * kSeqStates / kSeqThreads;
+#pragma unroll
+  for (int it = 0; it < kMaxIters; ++it) {
+    const int idx = static_cast<int>(threadIdx.x) + it * kSeqThreads;
+    if (idx >= segs * kSeqStates) break;
+    const int seg = idx / kSeqStates, n = idx % kSeqStates;
+    const int tok = seg * seg_len + t0;
+    const int valid = n < N ? L - tok : 0;
+    float v[kSeqTile];
+    load_run<Tin, kSeqTile>(Bb + static_cast<int64_t>(n) * L + tok, valid, B_scale, v);
+#pragma unroll
+    for (int i = 0; i < kSeqTile; ++i) Bs[seg * kSeqSegStride + i * kSeqStates + n] = v[i];
+    if (with_c) {
+      load_run<Tin, kSeqTile>(Cb + static_cast<int64_t>(n) * L + tok, valid, C_scale, v);
+#pragma unroll
+      for (int i = 0; i < kSeqTile; ++i) Cs[seg * kSeqSegStride + i * kSeqStates + n] = v[i];
+    }
+  }
+}
+
+// dt (softplus'd, 0 on padding tokens so that they are identity steps) and u for one tile.
+template <typename Tin>
+__device__ __forceinline__ void seq_load_dt_u(const ScanArgs& p, int64_t row_off, int tok,
+                                              bool row_ok, float dbias, float uscale,
+                                              float (&dt)[kSeqTile], float (&uu)[kSeqTile]) {
+  const int valid = row_ok ? p.seqlen - tok : 0;
+  float dd[kSeqTile];
+  load_run<Tin, kSeqTile>(static_cast<const Tin*>(p.u) + row_off + tok, valid, uscale, uu);
+  load_run<Tin, kSeqTile>(static_cast<const Tin*>(p.delta) + row_off + tok, valid, p.delta_scale, dd);
+#pragma unroll
+  for (int i = 0; i < kSeqTile; ++i) {
+    float v = dd[i] + dbias;
+    if (p.delta_softplus) v = softplus(v);
+    dt[i] = i < valid ? v : 0.f;
+  }
+}
+
+// One tile of the recurrence over the thread's states; accumulates y[i] = sum_n h_n C_n when
+// kOutput (pass 2), otherwise only advances h (pass 1).
+template <bool kOutput>
+__device__ __forceinline__ void seq_tile(float (&h)[kSeqStates], const float (&A2)[kSeqStates],
+                                         const float (&dt)[kSeqTile], const float (&uu)[kSeqTile],
+                                         const float* Bs, const float* Cs, float (&y)[kSeqTile]) {
+#pragma unroll
+  for (int i = 0; i < kSeqTile; ++i) {
+    const float dtu = dt[i] * uu[i];
+    const float4* B4 = reinterpret_cast<const float4*>(Bs + i * kSeqStates);
+    const float4* C4 = reinterpret_cast<const float4*>(Cs + i * kSeqStates);
+    float acc0 = 0.f, acc1 = 0.f;
+#pragma unroll
+    for (int q = 0; q < kSeqStates / 4; ++q) {
+      const float4 bb = B4[q];
+      const float bv[4] = {bb.x, bb.y, bb.z, bb.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int n = 4 * q + j;
+        h[n] = fmaf(fast_exp2(dt[i] * A2[n]), h[n], dtu * bv[j]);
+      }
+      if (kOutput) {
+        const float4 cc = C4[q];
+        acc0 = fmaf(h[4 * q], cc.x, acc0);
+        acc1 = fmaf(h[4 * q + 1], cc.y, acc1);
+        acc0 = fmaf(h[4 * q + 2], cc.z, acc0);
+        acc1 = fmaf(h[4 * q + 3], cc.w, acc1);
+      }
+    }
+    if (kOutput) y[i] += acc0 + acc1;
+  }
+}
+
+template <typename Tin, typename Tout>
+__global__ void __launch_bounds__(kSeqThreads)
+    selective_scan_seq_kernel(const ScanArgs p, int segs, int seg_len) {
+  extern __shared__ __align__(16) float sm[];
+  const int N = p.dstate, L = p.seqlen, dim = p.dim;
+  const int CH = kSeqThreads / segs;
+  const int tid = threadIdx.x, c = tid % CH, seg = tid / CH;
+  const int groups = (dim + CH - 1) / CH;
+  const int b = blockIdx.x / groups;
+  const int d0 = (blockIdx.x % groups) * CH;
+  const int d = d0 + c;
+  const bool row_ok = d < dim;
+  const int dc = row_ok ? d : dim - 1;
+  const int64_t row_off = (static_cast<int64_t>(b) * dim + dc) * L;
+  float A2[kSeqStates];
+#pragma unroll
+  for (int n = 0; n < kSeqStates; ++n)
+    A2[n] = n < N ? p.A[static_cast<int64_t>(dc) * N + n] * kLog2e : 0.f;
+  const float Dv = p.Dskip != nullptr ? p.Dskip[dc] : 0.f;
+  const float dbias = p.delta_bias != nullptr ? p.delta_bias[dc] : 0.f;
+  const float uscale = p.u_scale != nullptr ? p.u_scale[dc] : 1.f;
+  const Tin* Bb = static_cast<const Tin*>(p.Bm) + static_cast<int64_t>(b) * N * L;
+  const Tin* Cb = static_cast<const Tin*>(p.Cm) + static_cast<int64_t>(b) * N * L;
+  float* Bs = sm;
+  float* Cs = sm + segs * kSeqSegStride;
+  const float* Bmine = Bs + seg * kSeqSegStride;
+  const float* Cmine = Cs + seg * kSeqSegStride;
+  const int ntiles = seg_len / kSeqTile;
+  const int tok0 = seg * seg_len;
+
+  float h[kSeqStates];
+  if (segs > 1) {
+    // pass 1: segment end states from zero, and the segments' sums of dt
+#pragma unroll
+    for (int n = 0; n < kSeqStates; ++n) h[n] = 0.f;
+    float sum_dt = 0.f;
+    for (int tile = 0; tile < ntiles; ++tile) {
+      // the last segment's end state is only needed from pass 2: its threads only stage
+      const bool active = seg < segs - 1;
+      float dt[kSeqTile], uu[kSeqTile], unused[kSeqTile];
+      if (active)  // issued before the barrier so that these loads overlap the staging
+        seq_load_dt_u<Tin>(p, row_off, tok0 + tile * kSeqTile, row_ok, dbias, uscale, dt, uu);
+      seq_stage<Tin>(Bs, Cs, false, Bb, Cb, p.B_scale, p.C_scale, N, L, segs, seg_len,
+                     tile * kSeqTile);
+      __syncthreads();
+      if (active) {
+        seq_tile<false>(h, A2, dt, uu, Bmine, Cmine, unused);
+#pragma unroll
+        for (int i = 0; i < kSeqTile; ++i) sum_dt += dt[i];
+      }
+      __syncthreads();
+    }
+    // combine: h_in[s+1] = exp(A * sum_dt[s]) * h_in[s] + h_end[s], h_in[0] = initial state
+    float* hend = sm;
+    float* hin = hend + kSeqThreads * kSeqStates;
+    float* sdt = hin + kSeqThreads * kSeqStates;
+#pragma unroll
+    for (int n = 0; n < kSeqStates; ++n) hend[tid * kSeqStates + n] = h[n];
+    sdt[tid] = sum_dt;
+    __syncthreads();
+    for (int idx = tid; idx < CH * kSeqStates; idx += kSeqThreads) {
+      const int cc = idx / kSeqStates, n = idx % kSeqStates, dd = d0 + cc;
+      const bool ok = dd < dim && n < N;
+      const float a2 = ok ? p.A[static_cast<int64_t>(dd) * N + n] * kLog2e : 0.f;
+      float hh = ok && p.initial_state != nullptr
+                     ? p.initial_state[(static_cast<int64_t>(b) * dim + dd) * N + n]
+                     : 0.f;
+      for (int s2 = 0; s2 < segs; ++s2) {
+        const int t2 = s2 * CH + cc;  // thread index of (cc, s2)
+        hin[t2 * kSeqStates + n] = hh;
+        hh = fmaf(fast_exp2(a2 * sdt[t2]), hh, hend[t2 * kSeqStates + n]);
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int n = 0; n < kSeqStates; ++n) h[n] = hin[tid * kSeqStates + n];
+    __syncthreads();  // the tiles of pass 2 reuse this memory
+  } else {
+#pragma unroll
+    for (int n = 0; n < kSeqStates; ++n)
+      h[n] = (row_ok && n < N && p.initial_state != nullptr)
+                 ? p.initial_state[(static_cast<int64_t>(b) * dim + d) * N + n]
+                 : 0.f;
+  }
+
+  // pass 2: the scan from the true initial state, producing y
+  Tout* yout = static_cast<Tout*>(p.y);
+  const Tin* z = static_cast<const Tin*>(p.z);
+  for (int tile = 0; tile < ntiles; ++tile) {
+    const int tok = tok0 + tile * kSeqTile;
+    float dt[kSeqTile], uu[kSeqTile], y[kSeqTile];
+    seq_load_dt_u<Tin>(p, row_off, tok, row_ok, dbias, uscale, dt, uu);
+    seq_stage<Tin>(Bs, Cs, true, Bb, Cb, p.B_scale, p.C_scale, N, L, segs, seg_len,
+                   tile * kSeqTile);
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < kSeqTile; ++i) y[i] = Dv * uu[i];
+    seq_tile<true>(h, A2, dt, uu, Bmine, Cmine, y);
+    const int valid = row_ok ? L - tok : 0;
+    if (valid > 0) {
+      if (z != nullptr) {
+        float zz[kSeqTile];
+        load_run<Tin, kSeqTile>(z + row_off + tok, valid, p.z_scale, zz);
+#pragma unroll
+        for (int i = 0; i < kSeqTile; ++i) y[i] *= silu(zz[i]);
+      }
+      store_run<Tout, kSeqTile>(yout + row_off + tok, valid, y);
+    }
+    __syncthreads();
+  }
+  if (p.final_state != nullptr && seg == segs - 1 && row_ok) {
+#pragma unroll
+    for (int n = 0; n < kSeqStates; ++n)
+      if (n < N) p.final_state[(static_cast<int64_t>(b) * dim + d) * N + n] = h[n];
+  }
+}
+
+// ---- variant selection ------------------------------------------------------------------------
+// Benchmark/tuning override (essm_tuning_set_scan_variant): 0 = heuristic.
+int g_scan_variant = 0;
+int g_scan_segments = 0;
 
 template <typename Tin, typename Tout, int R>
-cudaError_t launch_scan(const ScanArgs& a, cudaStream_t stream) {
+cudaError_t launch_chunked(const ScanArgs& a, cudaStream_t stream) {
   const int64_t blocks = static_cast<int64_t>(a.batch) * ((a.dim + R - 1) / R);
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
   selective_scan_fwd_kernel<Tin, Tout, R>
@@ -210,9 +439,9 @@ cudaError_t launch_scan(const ScanArgs& a, cudaStream_t stream) {
   return launch_status();
 }
 
-// Estimated cost of a configuration: waves of resident blocks times the work of one block.
+// Estimated cost of a chunked configuration: waves of resident blocks times one block's work.
 template <typename Tin, typename Tout, int R>
-cudaError_t scan_cost(const ScanArgs& a, int sms, int64_t* cost) {
+cudaError_t chunked_cost(const ScanArgs& a, int sms, int64_t* cost) {
   int per_sm = 0;
   const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
       &per_sm, selective_scan_fwd_kernel<Tin, Tout, R>, kScanThreads, scan_smem_bytes<R>(a.dstate));
@@ -223,20 +452,56 @@ cudaError_t scan_cost(const ScanArgs& a, int sms, int64_t* cost) {
   return cudaSuccess;
 }
 
+int seq_segment_length(int seqlen, int segs) {
+  const int per = (seqlen + segs - 1) / segs;
+  return (per + kSeqTile - 1) / kSeqTile * kSeqTile;
+}
+
+// Segments: the fewest that give about 3 blocks of kSeqThreads per multiprocessor (each extra
+// pass costs work, so no more than needed), without segments made only of padding.
+int seq_segments(const ScanArgs& a, int sms) {
+  const int64_t channels = static_cast<int64_t>(a.batch) * a.dim;
+  const int64_t want = static_cast<int64_t>(sms) * 3 * kSeqThreads;
+  int segs = 1;
+  while (segs < kSeqMaxSegs && channels * segs < want) segs *= 2;
+  while (segs > 1 && (segs - 1) * seq_segment_length(a.seqlen, segs) >= a.seqlen) segs /= 2;
+  return segs;
+}
+
+template <typename Tin, typename Tout>
+cudaError_t launch_seq(const ScanArgs& a, int segs, cudaStream_t stream) {
+  const int CH = kSeqThreads / segs;
+  const int64_t blocks = static_cast<int64_t>(a.batch) * ((a.dim + CH - 1) / CH);
+  if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
+  selective_scan_seq_kernel<Tin, Tout><<<static_cast<unsigned>(blocks), kSeqThreads,
+                                         seq_smem_bytes(segs), stream>>>(
+      a, segs, seq_segment_length(a.seqlen, segs));
+  return launch_status();
+}
+
 template <typename Tin, typename Tout>
 cudaError_t run_scan(const ScanArgs& a, cudaStream_t stream) {
-  int rows = g_scan_rows_override;
-  if (rows != 1 && rows != 2) {
-    int dev = 0, sms = 0;
-    cudaError_t err = cudaGetDevice(&dev);
-    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    int64_t c1 = 0, c2 = 0;
-    if (err == cudaSuccess) err = scan_cost<Tin, Tout, 1>(a, sms, &c1);
-    if (err == cudaSuccess) err = scan_cost<Tin, Tout, 2>(a, sms, &c2);
-    if (err != cudaSuccess) return err;
-    rows = c2 <= c1 ? 2 : 1;  // ties go to 2 rows: half the L2 traffic for B and C
+  int dev = 0, sms = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  if (err != cudaSuccess) return err;
+  int variant = g_scan_variant;
+  if (variant == 3 && a.dstate > kSeqStates) variant = 0;
+  if (variant == 0 && a.dstate <= kSeqStates) variant = 3;
+  if (variant == 3) {
+    const bool forced = g_scan_segments >= 1 && g_scan_segments <= kSeqMaxSegs &&
+                        (g_scan_segments & (g_scan_segments - 1)) == 0;
+    return launch_seq<Tin, Tout>(a, forced ? g_scan_segments : seq_segments(a, sms), stream);
   }
-  return rows == 2 ? launch_scan<Tin, Tout, 2>(a, stream) : launch_scan<Tin, Tout, 1>(a, stream);
+  if (variant != 1 && variant != 2) {
+    int64_t c1 = 0, c2 = 0;
+    err = chunked_cost<Tin, Tout, 1>(a, sms, &c1);
+    if (err == cudaSuccess) err = chunked_cost<Tin, Tout, 2>(a, sms, &c2);
+    if (err != cudaSuccess) return err;
+    variant = c2 < c1 ? 2 : 1;
+  }
+  return variant == 2 ? launch_chunked<Tin, Tout, 2>(a, stream)
+                      : launch_chunked<Tin, Tout, 1>(a, stream);
 }
 
 // ---- decode --------------------------------------------------------------------------------
@@ -314,9 +579,14 @@ bool scan_scales_ok(essm_dtype in, const essm_scan_scales* s) {
 }  // namespace
 }  // namespace essm
 
-extern "C" int essm_tuning_set_scan_rows(int rows) {
-  essm::g_scan_rows_override = (rows == 1 || rows == 2) ? rows : 0;
-  return essm::g_scan_rows_override;
+// Not part of kernels.h: lets the harness and the benchmark force a prefill-scan variant.
+// variant 0 = heuristic, 1/2 = chunked parallel scan with 1/2 channels per thread, 3 = segmented
+// sequential scan (dstate <= 16; `segments` a power of two <= 32, or 0 for the heuristic).
+// Returns the variant now in force.
+extern "C" int essm_tuning_set_scan_variant(int variant, int segments) {
+  essm::g_scan_variant = (variant >= 1 && variant <= 3) ? variant : 0;
+  essm::g_scan_segments = segments;
+  return essm::g_scan_variant;
 }
 
 extern "C" cudaError_t essm_selective_scan_fwd(

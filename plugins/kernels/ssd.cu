@@ -1,18 +1,18 @@
 // Mamba-2 SSD scan (prefill) and state update (decode), token-major layout, float and int8 x/B/C.
 //
 // Prefill design (see docs/kernels.md): the recurrence is run directly (no chunked matmuls). One
-// block owns one (batch, head) and a tile of kSsdRows headdim rows; warp w owns states
-// n in [16w, 16w+16) and lane l owns headdim row p0 + l, so a thread keeps 16 states in
-// registers. The block stages kSsdT tokens of B, C (dequantized), x, dt and the scalar decay
-// exp(dt*A) in shared memory; every B/C read in the inner loop is a warp-wide broadcast. The
-// per-warp partial y sums are reduced through shared memory once per token tile.
+// block owns one (batch, head) and a tile of kSsdRows headdim rows; thread (row p, state group g)
+// keeps the 16 states n in [16g, 16g+16) of row p in registers. The block stages a tile of tokens
+// of B and C (dequantized, float) in shared memory; their global loads are 16-byte vectors issued
+// one tile ahead (register double buffering) so their latency overlaps the current tile's work.
+// The per-group partial y sums are reduced through shared memory once per tile.
 #include "common.cuh"
 
 namespace essm {
 namespace {
 
-constexpr int kSsdRows = 32;     // headdim rows per block (one per lane)
-constexpr int kSsdStates = 16;   // states per thread
+constexpr int kSsdRows = 8;     // headdim rows per block
+constexpr int kSsdStates = 16;  // states per thread
 constexpr int kSsdMaxState = 256;
 
 struct SsdArgs {
@@ -41,33 +41,85 @@ __device__ __forceinline__ float ssd_dt(float raw, float bias, int use_softplus,
   return fminf(fmaxf(v, lo), hi);
 }
 
-__host__ __device__ inline int ssd_tokens_per_tile(int dstate) { return dstate <= 128 ? 16 : 8; }
-
-// Shared memory (floats): B [T][N], C [T][N], x [T][32], dt [T], decay [T], y partials
-// [T][N/16][32].
-inline size_t ssd_smem_bytes(int dstate) {
-  const size_t T = ssd_tokens_per_tile(dstate);
-  const size_t warps = dstate / kSsdStates;
-  return sizeof(float) * (2 * T * dstate + T * kSsdRows + 2 * T + T * warps * kSsdRows);
+// Tokens per staged tile: 16-byte vectors per thread per tensor = kSsdTile * sizeof(Tin) / 8.
+template <typename Tin>
+__host__ __device__ constexpr int ssd_tile() {
+  return sizeof(Tin) == 4 ? 8 : 16;
 }
 
+// Shared memory (floats): B [T][N], C [T][N], x [T][rows], dt [T], decay [T],
+// y partials [T][N/16][rows].
+template <typename Tin>
+size_t ssd_smem_bytes(int dstate) {
+  const size_t T = ssd_tile<Tin>();
+  const size_t groups = dstate / kSsdStates;
+  return sizeof(float) * (2 * T * dstate + T * kSsdRows + 2 * T + T * groups * kSsdRows);
+}
+
+// Raw 16-byte words of one B/C tile that this thread moves: word w = tid + k * nthreads covers
+// elements [8w*16/sizeof .. ) of the tile's [T][N] block (rows of N contiguous elements in memory).
+template <typename Tin>
+struct SsdTileWords {
+  static constexpr int kElems = 16 / sizeof(Tin);
+  static constexpr int kWords = ssd_tile<Tin>() * static_cast<int>(sizeof(Tin)) / 8;
+  uint4 b[kWords], c[kWords];
+
+  // Requires 16-byte aligned Bm/Cm (checked by the launcher) and N % 16 == 0.
+  __device__ __forceinline__ void load(const Tin* Bm, const Tin* Cm, int64_t bc_base, int G, int N,
+                                       int L, int t0, int nthreads) {
+    const int words_per_row = N / kElems;
+#pragma unroll
+    for (int k = 0; k < kWords; ++k) {
+      const int w = static_cast<int>(threadIdx.x) + k * nthreads;
+      const int t = w / words_per_row, col = (w % words_per_row) * kElems;
+      if (t0 + t < L) {
+        const int64_t off = bc_base + static_cast<int64_t>(t0 + t) * G * N + col;
+        b[k] = __ldg(reinterpret_cast<const uint4*>(Bm + off));
+        c[k] = __ldg(reinterpret_cast<const uint4*>(Cm + off));
+      } else {
+        b[k] = make_uint4(0, 0, 0, 0);
+        c[k] = make_uint4(0, 0, 0, 0);
+      }
+    }
+  }
+
+  __device__ __forceinline__ void store(float* Bs, float* Cs, int N, float Bsc, float Csc,
+                                        int nthreads) const {
+    const int words_per_row = N / kElems;
+#pragma unroll
+    for (int k = 0; k < kWords; ++k) {
+      const int w = static_cast<int>(threadIdx.x) + k * nthreads;
+      const int t = w / words_per_row, col = (w % words_per_row) * kElems;
+      Tin eb[kElems], ec[kElems];
+      memcpy(eb, &b[k], 16);
+      memcpy(ec, &c[k], 16);
+#pragma unroll
+      for (int i = 0; i < kElems; ++i) {
+        Bs[t * N + col + i] = dequant(eb[i], Bsc);
+        Cs[t * N + col + i] = dequant(ec[i], Csc);
+      }
+    }
+  }
+};
+
 template <typename Tin, typename Tout>
-__global__ void __launch_bounds__(kSsdMaxState / kSsdStates * 32)
+__global__ void __launch_bounds__(kSsdMaxState / kSsdStates * kSsdRows)
     ssd_scan_fwd_kernel(const SsdArgs p, int ptiles) {
   extern __shared__ __align__(16) float sm[];
+  constexpr int T = ssd_tile<Tin>();
   const int N = p.dstate, L = p.seqlen, H = p.nheads, P = p.headdim, G = p.ngroups;
-  const int T = ssd_tokens_per_tile(N);
-  const int nwarps = N / kSsdStates;
-  const int nthreads = nwarps * 32;
+  const int ngroups_n = N / kSsdStates;
+  const int nthreads = ngroups_n * kSsdRows;
   const int ptile = blockIdx.x % ptiles;
   const int bh = blockIdx.x / ptiles;
   const int h = bh % H, b = bh / H;
   const int g = h / (H / G);
   const int p0 = ptile * kSsdRows;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int prow = p0 + lane;
+  const int tid = threadIdx.x;
+  const int pl = tid % kSsdRows, sg = tid / kSsdRows;
+  const int prow = p0 + pl;
   const bool prow_ok = prow < P;
-  const int n0 = warp * kSsdStates;
+  const int n0 = sg * kSsdStates;
 
   float* Bs = sm;
   float* Cs = Bs + T * N;
@@ -86,6 +138,7 @@ __global__ void __launch_bounds__(kSsdMaxState / kSsdStates * 32)
   const Tin* Bm = static_cast<const Tin*>(p.Bm);
   const Tin* Cm = static_cast<const Tin*>(p.Cm);
   Tout* y = static_cast<Tout*>(p.y);
+  const int64_t bc_base = (static_cast<int64_t>(b) * L * G + g) * N;  // token 0 of (b, g)
 
   const int64_t state_row = ((static_cast<int64_t>(b) * H + h) * P + (prow_ok ? prow : 0)) * N;
   float S[kSsdStates];
@@ -93,16 +146,14 @@ __global__ void __launch_bounds__(kSsdMaxState / kSsdStates * 32)
   for (int k = 0; k < kSsdStates; ++k)
     S[k] = (p.initial_state != nullptr && prow_ok) ? p.initial_state[state_row + n0 + k] : 0.f;
 
+  SsdTileWords<Tin> words;
+  words.load(Bm, Cm, bc_base, G, N, L, 0, nthreads);
   for (int t0 = 0; t0 < L; t0 += T) {
-    // ---- stage a tile of tokens (padding tokens: dt = 0, decay = 1, x = 0: identity step)
-    for (int idx = tid; idx < T * N; idx += nthreads) {
-      const int t = idx / N, n = idx % N, tg = t0 + t;
-      const int64_t off = ((static_cast<int64_t>(b) * L + tg) * G + g) * N + n;
-      Bs[idx] = tg < L ? load1(Bm + off, Bsc) : 0.f;
-      Cs[idx] = tg < L ? load1(Cm + off, Csc) : 0.f;
-    }
+    // ---- stage this tile (padding tokens: dt = 0, decay = 1, x = 0 make an identity step)
+    words.store(Bs, Cs, N, Bsc, Csc, nthreads);
+    if (t0 + T < L) words.load(Bm, Cm, bc_base, G, N, L, t0 + T, nthreads);  // next tile, in flight
     for (int idx = tid; idx < T * kSsdRows; idx += nthreads) {
-      const int t = idx / kSsdRows, pl = idx % kSsdRows, tg = t0 + t, pp = p0 + pl;
+      const int t = idx / kSsdRows, pp = p0 + idx % kSsdRows, tg = t0 + t;
       const int64_t off = ((static_cast<int64_t>(b) * L + tg) * H + h) * P + pp;
       xs[idx] = (tg < L && pp < P)
                     ? load1(x + off, p.x_scale != nullptr ? p.x_scale[h * P + pp] : 1.f)
@@ -121,9 +172,10 @@ __global__ void __launch_bounds__(kSsdMaxState / kSsdStates * 32)
     __syncthreads();
 
     // ---- recurrence over the tile
+#pragma unroll 4
     for (int t = 0; t < T; ++t) {
       const float a = decays[t];
-      const float dtx = dts[t] * xs[t * kSsdRows + lane];
+      const float dtx = dts[t] * xs[t * kSsdRows + pl];
       const float4* B4 = reinterpret_cast<const float4*>(Bs + t * N + n0);
       const float4* C4 = reinterpret_cast<const float4*>(Cs + t * N + n0);
       float acc0 = 0.f, acc1 = 0.f;
@@ -139,16 +191,16 @@ __global__ void __launch_bounds__(kSsdMaxState / kSsdStates * 32)
         acc0 = fmaf(S[4 * q + 2], cc.z, acc0);
         acc1 = fmaf(S[4 * q + 3], cc.w, acc1);
       }
-      ys[(t * nwarps + warp) * kSsdRows + lane] = acc0 + acc1;
+      ys[(t * ngroups_n + sg) * kSsdRows + pl] = acc0 + acc1;
     }
     __syncthreads();
 
-    // ---- reduce the per-warp partials, add the D skip, store
+    // ---- reduce the per-group partials, add the D skip, store
     for (int idx = tid; idx < T * kSsdRows; idx += nthreads) {
-      const int t = idx / kSsdRows, pl = idx % kSsdRows, tg = t0 + t, pp = p0 + pl;
+      const int t = idx / kSsdRows, pq = idx % kSsdRows, tg = t0 + t, pp = p0 + pq;
       if (tg >= L || pp >= P) continue;
       float acc = Dh * xs[idx];
-      for (int w = 0; w < nwarps; ++w) acc += ys[(t * nwarps + w) * kSsdRows + pl];
+      for (int w = 0; w < ngroups_n; ++w) acc += ys[(t * ngroups_n + w) * kSsdRows + pq];
       y[((static_cast<int64_t>(b) * L + tg) * H + h) * P + pp] = from_float<Tout>(acc);
     }
     __syncthreads();  // the next tile overwrites the staged tensors
@@ -264,13 +316,18 @@ extern "C" cudaError_t essm_ssd_scan_fwd(essm_dtype in_dtype, essm_dtype out_dty
   const SsdArgs a = make_ssd_args(in_dtype, x, dt, A, Bm, Cm, Dskip, dt_bias, dt_softplus, dt_min,
                                   dt_max, scales, initial_state, y, final_state, batch, seqlen,
                                   nheads, headdim, ngroups, dstate);
+  // B/C tiles move as 16-byte vectors
+  if (reinterpret_cast<uintptr_t>(Bm) % 16 != 0 || reinterpret_cast<uintptr_t>(Cm) % 16 != 0)
+    return cudaErrorInvalidValue;
   const int ptiles = (headdim + kSsdRows - 1) / kSsdRows;
   const int64_t blocks = static_cast<int64_t>(batch) * nheads * ptiles;
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
-  const int threads = dstate / kSsdStates * 32;
+  const int threads = dstate / kSsdStates * kSsdRows;
   return dispatch_in_out(in_dtype, out_dtype, [&](auto ti, auto to) {
-    ssd_scan_fwd_kernel<decltype(ti), decltype(to)>
-        <<<static_cast<unsigned>(blocks), threads, ssd_smem_bytes(dstate), stream>>>(a, ptiles);
+    using Tin = decltype(ti);
+    ssd_scan_fwd_kernel<Tin, decltype(to)>
+        <<<static_cast<unsigned>(blocks), threads, ssd_smem_bytes<Tin>(dstate), stream>>>(a,
+                                                                                   ptiles);
     return launch_status();
   });
 }

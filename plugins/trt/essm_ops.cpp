@@ -118,7 +118,7 @@ cudaError_t launchHadamard(LaunchArgs const& a) {
 // Attribute indices 1, 2 are dt_min, dt_max in both SSD ops.
 std::string checkSSD(Symbols const& s, AttrValues const& attrs) {
   if (attrs.v[1] > attrs.v[2])
-    return "dt_min=" + std::to_string(attrs.v[1]) + " > dt_max=" + std::to_string(attrs.v[2]);
+    return "dt_min=" + std::to_string(attrs.f(1)) + " > dt_max=" + std::to_string(attrs.f(2));
   if (s['H'] > 0 && s['G'] > 0 && s['H'] % s['G'] != 0)
     return "nheads H=" + std::to_string(s['H']) + " is not a multiple of ngroups G=" + std::to_string(s['G']);
   return "";

@@ -18,7 +18,7 @@ namespace {
 
 std::atomic<nvinfer1::ILoggerFinder*> gLoggerFinder{nullptr};
 
-// '*' patterns: number of explicit dims and the offset of the first one in a tensor of rank r.
+// Shape patterns: the number of explicit (non-'*') dimensions, and whether leading dims are free.
 size_t fixedRank(char const* p) { return std::strlen(p) - (p[0] == '*'); }
 bool hasStar(char const* p) { return p[0] == '*'; }
 
@@ -40,6 +40,12 @@ essm_dtype toEssm(DataType t) {
     case DataType::kINT8: return ESSM_I8;
     default: return ESSM_F32;
   }
+}
+
+std::string fmt(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", v);
+  return buf;
 }
 
 std::string dimsToString(Dims const& d) {
@@ -182,6 +188,15 @@ nvinfer1::IPluginV3* Plugin::clone() noexcept {
 
 nvinfer1::IPluginV3* Plugin::attachToContext(nvinfer1::IPluginResourceContext*) noexcept { return clone(); }
 
+DataType Plugin::firstIoType(nvinfer1::PluginTensorDesc const* in, nvinfer1::PluginTensorDesc const* out) const {
+  // Inputs first: HadamardQuantize has an activation input but an int8 output.
+  for (size_t i = 0; i < spec_.inputs.size(); ++i)
+    if (spec_.inputs[i].kind == Kind::kIO) return in[i].type;
+  for (size_t o = 0; o < spec_.outputs.size(); ++o)
+    if (spec_.outputs[o].kind == Kind::kIO) return out[o].type;
+  return DataType::kFLOAT;  // unreachable: every op has an activation tensor (checked by the harness)
+}
+
 bool Plugin::fixedIo(DataType& io) const {
   return spec_.out_dtype_attr >= 0 && ioFromOnnx(attrs_.i(spec_.out_dtype_attr), io);
 }
@@ -321,11 +336,7 @@ int32_t Plugin::enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1::P
       return 1;
     }
     DataType io{};
-    if (!fixedIo(io)) {
-      int32_t o = 0;
-      while (o < getNbOutputs() && spec_.outputs[o].kind != Kind::kIO) ++o;
-      io = outputDesc[o].type;  // every float op has an activation output
-    }
+    if (!fixedIo(io)) io = firstIoType(inputDesc, outputDesc);
     if (spec_.needs_host_scalars && !host_scalars_) {
       cudaError_t const e = cudaMallocHost(reinterpret_cast<void**>(&host_scalars_), kHostScalars * sizeof(float));
       if (e != cudaSuccess) {
@@ -388,9 +399,7 @@ std::string readField(OpSpec const& spec, AttrSpec const& a, PluginField const& 
       default: return where + " must be a float32/float64 field (ONNX float attribute)";
     }
   }
-  if (!(out >= a.lo && out <= a.hi))
-    return where + " = " + std::to_string(out) + " is outside [" + std::to_string(a.lo) + ", " + std::to_string(a.hi) +
-           "]";
+  if (!(out >= a.lo && out <= a.hi)) return where + " = " + fmt(out) + " is outside [" + fmt(a.lo) + ", " + fmt(a.hi) + "]";
   return "";
 }
 

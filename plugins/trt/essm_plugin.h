@@ -145,6 +145,8 @@ class Plugin final : public nvinfer1::IPluginV3,
  private:
   // The fixed activation dtype of Quant* ops (from out_dtype), or kFLOAT/false when free.
   bool fixedIo(nvinfer1::DataType& io) const;
+  // The dtype of the first activation (kIO) tensor, inputs before outputs.
+  nvinfer1::DataType firstIoType(nvinfer1::PluginTensorDesc const* in, nvinfer1::PluginTensorDesc const* out) const;
   std::string checkConcrete(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs, int32_t nbOutputs,
                             Symbols& sym) const;
 

@@ -1,0 +1,399 @@
+"""Kernel benchmark: edgessm CUDA kernels vs measured copy bandwidth and PyTorch eager.
+
+Effective bandwidth = (bytes of every input read once + every output written once) / time, with
+time the median of CUDA-event timings after warm-up; inputs rotate among enough copies that the
+working set exceeds the L2 cache. Decode steps are timed as CUDA-graph replays of all layers of a
+model (distinct per-layer buffers) and reported per layer.
+
+    python plugins/harness/bench_kernels.py [--lib PATH] [--json PATH]   (JSON defaults to $OUT)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import statistics
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from check_kernels import write_json_atomic  # noqa: E402
+from essm_lib import ESSM_F16, ESSM_I8, KernelLib, ScanScales, SsdScales, ptr  # noqa: E402
+
+log = logging.getLogger("bench_kernels")
+L2_ROTATE_BYTES = 200 * 2**20  # working set spanned by the rotated input copies (> 3x H100 L2)
+EAGER_REPS = 3
+# Prefill-scan variants timed (essm_tuning_set_scan_variant): (variant, segments) -> label.
+SCAN_VARIANTS = {(0, 0): "auto", (1, 0): "chunked/r1", (2, 0): "chunked/r2", (3, 1): "seq/S1", (3, 2): "seq/S2",
+                 (3, 4): "seq/S4", (3, 8): "seq/S8", (3, 16): "seq/S16", (3, 32): "seq/S32"}
+
+
+@dataclass
+class Row:
+    section: str
+    config: str
+    dtype: str
+    variant: str
+    ms: float
+    gbps: float
+    pct_copy: float
+    eager_ms: float | None = None
+    note: str = ""
+
+
+def time_ms(fn: Callable[[int], None], reps: int, warmup: int) -> float:
+    """Median milliseconds of fn(i) over `reps` CUDA-event timed calls after `warmup` calls."""
+    for i in range(warmup):
+        fn(i)
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for i, (start, end) in enumerate(events):
+        start.record()
+        fn(i)
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in events)
+
+
+def copies_for(bytes_per_set: int) -> int:
+    return max(1, min(8, math.ceil(L2_ROTATE_BYTES / max(bytes_per_set, 1))))
+
+
+def esize(dtype: int) -> int:
+    return 1 if dtype == ESSM_I8 else 2
+
+
+class Bench:
+    def __init__(self, lib: KernelLib, reps: int, profile: bool = False) -> None:
+        self.lib = lib
+        self.reps = reps
+        self.profile = profile  # one launch per kernel, no eager baselines (for running under ncu)
+        self.warmup = 0 if profile else 5
+        self.rows: list[Row] = []
+        self.copy_gbps = 0.0
+        self.gen = torch.Generator(device="cuda").manual_seed(1234)
+
+    def randn(self, *shape: int, dtype: torch.dtype = torch.float16, std: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, device="cuda", generator=self.gen) * std).to(dtype)
+
+    def randint8(self, *shape: int) -> torch.Tensor:
+        return torch.randint(-127, 128, shape, device="cuda", generator=self.gen, dtype=torch.int8)
+
+    def add(self, section: str, config: str, dtype: str, variant: str, ms: float, nbytes: int,
+            eager_ms: float | None = None, note: str = "") -> None:
+        gbps = nbytes / (ms * 1e-3) / 1e9
+        self.rows.append(Row(section, config, dtype, variant, ms, gbps, 100.0 * gbps / self.copy_gbps, eager_ms, note))
+        log.info("%s %s %s %s: %.4f ms, %.1f GB/s", section, config, dtype, variant, ms, gbps)
+
+    # ---- device-to-device copy ------------------------------------------------------------------
+    def copy_bandwidth(self) -> None:
+        n = 2**30 // 2  # 1 GiB of fp16
+        src = self.randn(n)
+        dst = torch.empty_like(src)
+        ms = time_ms(lambda i: dst.copy_(src), self.reps, 5)
+        nbytes = 2 * src.numel() * src.element_size()  # read + write
+        self.copy_gbps = nbytes / (ms * 1e-3) / 1e9
+        self.add("copy", "1 GiB D2D (torch copy_)", "f16", "torch", ms, nbytes)
+
+    # ---- Mamba-1 prefill scan ------------------------------------------------------------------
+    def scan_inputs(self, b: int, d: int, n: int, seqlen: int, in_dt: int) -> dict:
+        if in_dt == ESSM_I8:
+            t = dict(u=self.randint8(b, d, seqlen), delta=self.randint8(b, d, seqlen), B=self.randint8(b, n, seqlen),
+                     C=self.randint8(b, n, seqlen), z=self.randint8(b, d, seqlen))
+        else:
+            t = dict(u=self.randn(b, d, seqlen), delta=self.randn(b, d, seqlen), B=self.randn(b, n, seqlen),
+                     C=self.randn(b, n, seqlen), z=self.randn(b, d, seqlen))
+        t["y"] = torch.empty(b, d, seqlen, dtype=torch.float16, device="cuda")
+        return t
+
+    def scan(self, b: int, d: int, n: int, seqlen: int, in_dt: int) -> None:
+        config = f"B{b} D{d} N{n} L{seqlen}"
+        dname = "i8->f16" if in_dt == ESSM_I8 else "f16"
+        e_in = esize(in_dt)
+        nbytes = (e_in * (3 * b * d * seqlen + 2 * b * n * seqlen) + 2 * b * d * seqlen
+                  + 4 * (d * n + 2 * d) + 4 * b * d * n + (4 * d if in_dt == ESSM_I8 else 0))
+        sets = [self.scan_inputs(b, d, n, seqlen, in_dt) for _ in range(copies_for(nbytes))]
+        A = -torch.exp(torch.rand(d, n, device="cuda", generator=self.gen) * 3.0)
+        Dk = torch.randn(d, device="cuda", generator=self.gen)
+        db = torch.rand(d, device="cuda", generator=self.gen) * -2.0 - 1.0
+        hT = torch.empty(b, d, n, device="cuda")
+        u_scale = torch.full((d,), 0.02, device="cuda")
+        scales = ScanScales(ptr(u_scale), 0.02, 0.02, 0.02, 0.02) if in_dt == ESSM_I8 else None
+
+        def run(i: int) -> None:
+            s = sets[i % len(sets)]
+            self.lib.call("essm_selective_scan_fwd", in_dt, ESSM_F16, ptr(s["u"]), ptr(s["delta"]), ptr(A), ptr(s["B"]),
+                          ptr(s["C"]), ptr(Dk), ptr(s["z"]), ptr(db), 1, scales, None, ptr(s["y"]), ptr(hT),
+                          b, d, n, seqlen)
+
+        eager = None
+        if in_dt == ESSM_F16 and not self.profile:
+            s0 = sets[0]
+            eager = time_ms(lambda i: eager_selective_scan(s0["u"], s0["delta"], A, s0["B"], s0["C"], Dk, s0["z"], db),
+                            EAGER_REPS, 1)
+            ref = eager_selective_scan(s0["u"], s0["delta"], A, s0["B"], s0["C"], Dk, s0["z"], db)
+            run(0)
+            torch.cuda.synchronize()
+            note = f"vs eager rel.err {rel_err(s0['y'], ref):.1e}"
+        else:
+            note = ""
+        for variant in list(SCAN_VARIANTS)[:2] if self.profile else SCAN_VARIANTS:
+            self.lib.set_scan_variant(*variant)
+            ms = time_ms(run, self.reps, self.warmup)
+            self.add("scan_prefill", config, dname, SCAN_VARIANTS[variant], ms, nbytes, eager, note)
+        self.lib.set_scan_variant(0)
+
+    # ---- Mamba-1 decode ------------------------------------------------------------------------
+    def state_update(self, label: str, b: int, d: int, n: int, layers: int, in_dt: int) -> None:
+        config = f"{label} B{b} D{d} N{n} x{layers} layers"
+        dname = "i8->f16" if in_dt == ESSM_I8 else "f16"
+        e_in = esize(in_dt)
+        per_layer = (8 * b * d * n + 4 * d * n + e_in * (3 * b * d + 2 * b * n) + 2 * b * d + 8 * d
+                     + (4 * d if in_dt == ESSM_I8 else 0))
+        mk = self.randint8 if in_dt == ESSM_I8 else self.randn
+        L = [dict(state=torch.randn(b, d, n, device="cuda", generator=self.gen),
+                  A=-torch.exp(torch.rand(d, n, device="cuda", generator=self.gen) * 3.0),
+                  x=mk(b, d), dt=mk(b, d), z=mk(b, d), B=mk(b, n), C=mk(b, n),
+                  D=torch.randn(d, device="cuda", generator=self.gen),
+                  db=torch.rand(d, device="cuda", generator=self.gen) * -2.0 - 1.0,
+                  y=torch.empty(b, d, dtype=torch.float16, device="cuda")) for _ in range(layers)]
+        u_scale = torch.full((d,), 0.02, device="cuda")
+        scales = ScanScales(ptr(u_scale), 0.02, 0.02, 0.02, 0.02) if in_dt == ESSM_I8 else None
+
+        def step_all() -> None:
+            for t in L:
+                self.lib.call("essm_selective_state_update", in_dt, ESSM_F16, ptr(t["state"]), ptr(t["x"]), ptr(t["dt"]),
+                              ptr(t["A"]), ptr(t["B"]), ptr(t["C"]), ptr(t["D"]), ptr(t["z"]), ptr(t["db"]), 1, scales,
+                              ptr(t["y"]), ptr(t["state"]), b, d, n)
+
+        ms = self.graph_ms(step_all) / layers
+        eager = None
+        if in_dt == ESSM_F16:
+            def eager_all(_: int) -> None:
+                for t in L:
+                    eager_state_update(t["state"], t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], t["z"], t["db"])
+            eager = time_ms(eager_all, 20, 3) / layers
+        self.add("decode_state_update", config, dname, "graph, per layer", ms, per_layer, eager)
+
+    def graph_ms(self, body: Callable[[], None]) -> float:
+        """Median ms of one replay of a CUDA graph capturing `body`."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            body()  # warm-up outside capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            body()
+        return time_ms(lambda i: graph.replay(), self.reps, 10)
+
+    # ---- Mamba-2 SSD prefill -------------------------------------------------------------------
+    def ssd(self, b: int, seqlen: int, h: int, p: int, g: int, n: int, in_dt: int) -> None:
+        config = f"B{b} L{seqlen} H{h} P{p} G{g} N{n}"
+        dname = "i8->f16" if in_dt == ESSM_I8 else "f16"
+        e_in = esize(in_dt)
+        nbytes = (e_in * (b * seqlen * h * p + 2 * b * seqlen * g * n) + 2 * b * seqlen * h + 2 * b * seqlen * h * p
+                  + 4 * b * h * p * n + 12 * h + (4 * (h * p + 2 * g) if in_dt == ESSM_I8 else 0))
+        mk = self.randint8 if in_dt == ESSM_I8 else self.randn
+        sets = [dict(x=mk(b, seqlen, h, p), B=mk(b, seqlen, g, n), C=mk(b, seqlen, g, n),
+                     dt=self.randn(b, seqlen, h), y=torch.empty(b, seqlen, h, p, dtype=torch.float16, device="cuda"))
+                for _ in range(copies_for(nbytes))]
+        A = -torch.exp(torch.rand(h, device="cuda", generator=self.gen))
+        Dk = torch.randn(h, device="cuda", generator=self.gen)
+        db = torch.rand(h, device="cuda", generator=self.gen) * -2.0 - 1.0
+        sT = torch.empty(b, h, p, n, device="cuda")
+        keep = (torch.full((h * p,), 0.02, device="cuda"), torch.full((g,), 0.02, device="cuda"))
+        scales = SsdScales(ptr(keep[0]), ptr(keep[1]), ptr(keep[1])) if in_dt == ESSM_I8 else None
+
+        def run(i: int) -> None:
+            s = sets[i % len(sets)]
+            self.lib.call("essm_ssd_scan_fwd", in_dt, ESSM_F16, ptr(s["x"]), ptr(s["dt"]), ptr(A), ptr(s["B"]),
+                          ptr(s["C"]), ptr(Dk), ptr(db), 1, 0.0, math.inf, scales, None, ptr(s["y"]), ptr(sT),
+                          b, seqlen, h, p, g, n, 256)
+
+        eager, note = None, ""
+        if in_dt == ESSM_F16 and not self.profile:
+            s0 = sets[0]
+            eager = time_ms(lambda i: eager_ssd_chunked(s0["x"], s0["dt"], A, s0["B"], s0["C"], Dk, db), EAGER_REPS, 1)
+            ref = eager_ssd_chunked(s0["x"], s0["dt"], A, s0["B"], s0["C"], Dk, db)
+            run(0)
+            torch.cuda.synchronize()
+            note = f"vs eager rel.err {rel_err(s0['y'], ref):.1e}"
+        ms = time_ms(run, self.reps, min(3, self.warmup))
+        self.add("ssd_prefill", config, dname, "kernel", ms, nbytes, eager, note)
+
+    # ---- Hadamard -------------------------------------------------------------------------------
+    def hadamard(self, rows: int, m: int, logk: int, quantize: bool) -> None:
+        n = m << logk
+        config = f"rows{rows} n{n} (m{m})"
+        out_dt = ESSM_I8 if quantize else ESSM_F16
+        nbytes = rows * n * (2 + esize(out_dt)) + 4 * m * m
+        sets = [dict(x=self.randn(rows, n),
+                     y=torch.empty(rows, n, dtype=torch.int8 if quantize else torch.float16, device="cuda"))
+                for _ in range(copies_for(nbytes))]
+        hm = torch.where(torch.rand(m, m, device="cuda", generator=self.gen) < 0.5, -1.0, 1.0)
+        scale = 1.0 / math.sqrt(n)
+
+        def run(i: int) -> None:
+            s = sets[i % len(sets)]
+            self.lib.call("essm_hadamard_transform", ESSM_F16, out_dt, ptr(s["x"]), ptr(hm) if m > 1 else None, m,
+                          scale, 0.05, ptr(s["y"]), rows, n)
+
+        eager = None
+        if not quantize and not self.profile:
+            eager = time_ms(lambda i: eager_hadamard(sets[0]["x"], hm, scale), EAGER_REPS + 2, 1)
+        ms = time_ms(run, self.reps, self.warmup)
+        self.add("hadamard", config, "f16->" + ("i8" if quantize else "f16"), "kernel", ms, nbytes, eager)
+
+
+# ---- PyTorch eager implementations of the same ops (float32 math) ------------------------------
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    o, r = out.double(), ref.double()
+    return float((o - r).norm() / r.norm())
+
+
+def eager_selective_scan(u, delta, A, B, C, D, z, db) -> torch.Tensor:  # noqa: ANN001
+    dt = F.softplus(delta.float() + db[:, None], threshold=20.0)
+    dtu = dt * u.float()
+    Bf, Cf = B.float(), C.float()
+    h = torch.zeros(u.shape[0], u.shape[1], A.shape[1], device=u.device)
+    ys = []
+    for t in range(u.shape[-1]):
+        h = torch.exp(dt[:, :, t, None] * A) * h + dtu[:, :, t, None] * Bf[:, None, :, t]
+        ys.append(torch.einsum("bdn,bn->bd", h, Cf[:, :, t]))
+    y = torch.stack(ys, -1) + D[:, None] * u.float()
+    return (y * F.silu(z.float())).half()
+
+
+def eager_state_update(state, x, dt, A, B, C, D, z, db) -> None:  # noqa: ANN001
+    d = F.softplus(dt.float() + db, threshold=20.0)
+    state.mul_(torch.exp(d[..., None] * A)).add_((d * x.float())[..., None] * B.float()[:, None, :])
+    y = torch.einsum("bdn,bn->bd", state, C.float()) + D * x.float()
+    return (y * F.silu(z.float())).half()
+
+
+def _segsum(a: torch.Tensor) -> torch.Tensor:
+    """[..., T] -> [..., T, T] with sum_{s < r <= t} a[r] on and below the diagonal, -inf above."""
+    T = a.shape[-1]
+    rep = a[..., None].expand(*a.shape, T)
+    strict = torch.tril(torch.ones(T, T, dtype=torch.bool, device=a.device), -1)
+    seg = torch.cumsum(rep.masked_fill(~strict, 0), dim=-2)
+    return seg.masked_fill(~torch.tril(torch.ones(T, T, dtype=torch.bool, device=a.device)), -math.inf)
+
+
+def eager_ssd_chunked(x, dt, A, B, C, D, db, chunk: int = 256) -> torch.Tensor:  # noqa: ANN001
+    """Chunked SSD (intra-chunk matmuls + inter-chunk state passing), float32."""
+    b, seqlen, h, p = x.shape
+    g = B.shape[2]
+    q = chunk
+    c = seqlen // q
+    dtf = F.softplus(dt.float() + db, threshold=20.0)
+    xd = (x.float() * dtf[..., None]).reshape(b, c, q, h, p)
+    Bh = B.float().repeat_interleave(h // g, dim=2).reshape(b, c, q, h, -1)
+    Ch = C.float().repeat_interleave(h // g, dim=2).reshape(b, c, q, h, -1)
+    a = (dtf * A).reshape(b, c, q, h).permute(0, 3, 1, 2)  # [b, h, c, q]
+    a_cs = torch.cumsum(a, -1)
+    Lmat = torch.exp(_segsum(a))  # [b, h, c, q, q]
+    y_diag = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", Ch, Bh, Lmat, xd)
+    decay_states = torch.exp(a_cs[..., -1:] - a_cs)
+    states = torch.einsum("bclhn,bhcl,bclhp->bchpn", Bh, decay_states, xd)
+    states = torch.cat([torch.zeros_like(states[:, :1]), states], 1)
+    decay_chunk = torch.exp(_segsum(F.pad(a_cs[..., -1], (1, 0))))
+    states = torch.einsum("bhzc,bchpn->bzhpn", decay_chunk, states)[:, :-1]
+    y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", Ch, states, torch.exp(a_cs))
+    y = (y_diag + y_off).reshape(b, seqlen, h, p) + D[:, None] * x.float()
+    return y.half()
+
+
+def eager_hadamard(x: torch.Tensor, hm: torch.Tensor, scale: float) -> torch.Tensor:
+    """Reshape-butterfly Walsh-Hadamard along b, then the base matrix along a (float32)."""
+    m = hm.shape[0]
+    rows, n = x.shape
+    k = n // m
+    v = x.float().reshape(rows * m, k)
+    hs = 1
+    while hs < k:
+        w = v.reshape(-1, k // (2 * hs), 2, hs)
+        v = torch.stack((w[:, :, 0] + w[:, :, 1], w[:, :, 0] - w[:, :, 1]), 2).reshape(-1, k)
+        hs *= 2
+    v = v.reshape(rows, m, k)
+    if m > 1:
+        v = torch.einsum("ij,rjk->rik", hm, v)
+    return (v.reshape(rows, n) * scale).half()
+
+
+def print_table(rows: list[Row]) -> None:
+    header = (f"{'section':<20} {'config':<34} {'dtype':<8} {'variant':<17} {'ms':>9} {'GB/s':>8} {'%copy':>6} "
+              f"{'eager ms':>9} {'speedup':>8}  note")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        eager = f"{r.eager_ms:9.3f}" if r.eager_ms is not None else f"{'-':>9}"
+        speed = f"{r.eager_ms / r.ms:8.1f}" if r.eager_ms is not None else f"{'-':>8}"
+        print(f"{r.section:<20} {r.config:<34} {r.dtype:<8} {r.variant:<17} {r.ms:9.4f} {r.gbps:8.1f} "
+              f"{r.pct_copy:6.1f} {eager} {speed}  {r.note}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lib", default=None, help="path of libedgessm_kernels.so")
+    parser.add_argument("--json", type=Path, default=None, help="output JSON (default $OUT/bench_kernels.json)")
+    parser.add_argument("--reps", type=int, default=50, help="timed repetitions per measurement")
+    parser.add_argument("--profile", action="store_true",
+                        help="launch each headline kernel once (prefill scan, SSD, Hadamard) for ncu")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    if not torch.cuda.is_available():
+        log.error("no CUDA device: the kernel benchmark needs a GPU")
+        return 2
+    bench = Bench(KernelLib(args.lib), 1 if args.profile else args.reps, args.profile)
+    bench.copy_bandwidth()
+    if args.profile:
+        bench.scan(1, 1536, 16, 2048, ESSM_F16)
+        bench.ssd(1, 2048, 24, 64, 1, 128, ESSM_F16)
+        bench.hadamard(4096, 1, 12, False)
+        bench.hadamard(4096, 12, 7, False)
+        return 0
+    jobs: list[Callable[[], None]] = []
+    for in_dt in (ESSM_F16, ESSM_I8):
+        for b, d in ((1, 1536), (8, 1536), (1, 4096), (8, 4096)):
+            jobs.append(lambda b=b, d=d, i=in_dt: bench.scan(b, d, 16, 2048, i))
+    for in_dt in (ESSM_F16, ESSM_I8):
+        for b in (1, 8):
+            jobs.append(lambda b=b, i=in_dt: bench.state_update("130M", b, 1536, 16, 24, i))
+            jobs.append(lambda b=b, i=in_dt: bench.state_update("1.4B", b, 4096, 16, 48, i))
+    for in_dt in (ESSM_F16, ESSM_I8):
+        for b, h in ((1, 24), (1, 64), (4, 64)):
+            jobs.append(lambda b=b, h=h, i=in_dt: bench.ssd(b, 2048, h, 64, 1, 128, i))
+    for m, logk in ((1, 12), (12, 7), (20, 8), (1, 13), (40, 9), (1, 15)):
+        for quantize in (False, True):
+            jobs.append(lambda m=m, k=logk, q=quantize: bench.hadamard(4096 if (m << k) <= 8192 else 1024, m, k, q))
+    failures = 0
+    for job in jobs:
+        try:
+            job()
+        except Exception:  # noqa: BLE001 - report and go on with the other measurements
+            log.exception("benchmark job failed")
+            failures += 1
+        torch.cuda.empty_cache()
+    print_table(bench.rows)
+    out = args.json or (Path(os.environ["OUT"]) / "bench_kernels.json" if os.environ.get("OUT") else None)
+    if out is not None:
+        payload = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                       copy_gbps=bench.copy_gbps, rows=[asdict(r) for r in bench.rows])
+        write_json_atomic(out, payload)
+        log.info("wrote %s", out)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,435 @@
+"""The GPU backend (edgessm.runtime.cuda_backend), its CUDA kernel wrappers and the Triton GEMV kernels.
+
+On the CPU (CI): the quantized weight formats, argument errors, BackendUnavailable, and the
+backend's wiring (splits, transposes, state handling, quantized layers) with the CUDA and Triton
+kernels replaced by their torch references, against the reference model.
+On a CUDA GPU (skipped otherwise; tools/gpu_decode_check.sh runs them): every Triton kernel against
+float64, every kernel wrapper against the reference op, and the backend (CUDA graph decode) against
+the reference model: float32 logits rel err < 1e-3 and 32 equal greedy tokens; float16 logits
+within FP16_BOUND; the quantized modes against the model with the same dequantized weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from edgessm import ops
+from edgessm.config import MambaConfig
+from edgessm.errors import BackendUnavailable, ConfigError
+from edgessm.models.loading import random_model
+from edgessm.ops import cuda_kernels as K
+from edgessm.ops import triton_gemv as Q
+from edgessm.runtime.generation import generate
+from tests.conftest import rel_err
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """The float32 references must be float32: no TF32 in cuBLAS or cuDNN (F.conv1d) while testing."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+_skip_no_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (runs on the device via tools/gpu_decode_check.sh)")
+
+
+def needs_gpu(fn):
+    return pytest.mark.gpu(_skip_no_gpu(fn))
+needs_triton = pytest.mark.skipif(Q.triton is None, reason="needs the `triton` package")
+
+FP32_BOUND = 1e-3  # float32 backend vs float32 reference model
+FP16_BOUND = 2e-2  # float16 backend vs float16 reference (same weights, different summation order/fusion)
+QUANT_BOUND = 2e-2  # A16 quantized backend vs the float32 model holding the same dequantized weights
+W8A8_BOUND = 0.15  # W8A8 vs W8A16: the per-tensor int8 activation rounding of every linear input
+
+CONFIGS = {
+    "mamba1": MambaConfig(arch="mamba1", vocab_size=512, d_model=128, n_layer=3, d_state=16),
+    "mamba1-odd": MambaConfig(arch="mamba1", vocab_size=300, d_model=96, n_layer=2, d_state=8, d_conv=3,
+                              proj_bias=True, tie_embeddings=False, residual_in_fp32=False),
+    "mamba2": MambaConfig(arch="mamba2", vocab_size=512, d_model=128, n_layer=3, d_state=32, head_dim=32,
+                          n_groups=2, chunk_size=16),
+    "mamba2-dtlimit": MambaConfig(arch="mamba2", vocab_size=300, d_model=64, n_layer=2, d_state=16, head_dim=16,
+                                  n_groups=1, chunk_size=8, dt_limit=(0.001, 0.1)),
+}
+
+
+def _model(name: str, seed: int = 0):
+    model = random_model(CONFIGS[name], seed=seed)
+    with torch.no_grad():  # spread dt and A like trained checkpoints, so the decays differ per channel
+        for mixer in model.mixers:
+            mixer.A_log.add_(0.3 * torch.randn_like(mixer.A_log))
+            mixer.D.add_(0.1 * torch.randn_like(mixer.D))
+    return model
+
+
+def _tokens(vocab: int, batch: int, length: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _dequantized_copy(model, weights: str, group_size: int, dtype: torch.dtype = torch.float16):
+    """The float32 model holding exactly the weights the quantized backend (activations in ``dtype``) uses."""
+    from edgessm.runtime.cuda_backend import DecodeLinear
+
+    ref = copy.deepcopy(model).to(dtype).float()  # non-quantized parameters rounded as the backend holds them
+    linears = [ref.lm_head] + [getattr(m, a) for m in ref.mixers for a in ("in_proj", "x_proj", "dt_proj", "out_proj")
+                                if hasattr(m, a)]
+    with torch.no_grad():
+        for lin in linears:
+            dl = DecodeLinear(lin.weight.to(dtype), None, weights, group_size, 1.0)
+            w = Q.dequantize_w4(*dl.tensors) if dl.mode == "w4a16" else Q.dequantize_w8(*dl.tensors)
+            lin.weight = torch.nn.Parameter(w)  # a new tensor: unties lm_head from the (float) embeddings
+    return ref
+
+
+def _teacher_forced(backend, ref_model, tokens: torch.Tensor, steps: int) -> list[float]:
+    """Prefill both on tokens[:, :-steps], then feed the same tokens to both; rel err of every logits."""
+    device = next(ref_model.parameters()).device
+    prompt, rest = tokens[:, :-steps], tokens[:, -steps:]
+    got, states = backend.prefill(prompt.numpy())
+    with torch.no_grad():
+        ref, ref_states = ref_model(prompt.to(device))
+    errs = [rel_err(torch.from_numpy(got), ref.cpu())]
+    for t in range(steps):
+        got, states = backend.step(rest[:, t].numpy(), states)
+        with torch.no_grad():
+            ref, ref_states = ref_model.step(rest[:, t].to(device), ref_states)
+        errs.append(rel_err(torch.from_numpy(got), ref.cpu()))
+    return errs
+
+
+# ---- CPU: formats and errors ----------------------------------------------------------------------------
+def test_int4_packing_layout() -> None:
+    q = torch.randint(-8, 8, (7, 32), dtype=torch.int8)
+    packed = Q.pack_int4(q)
+    assert packed.shape == (7, 16) and packed.dtype == torch.int8
+    assert torch.equal(Q.unpack_int4(packed), q)
+    byte = int(packed[0, 0]) & 0xFF  # low nibble = even input index, high nibble = odd
+    assert ((byte & 0xF) ^ 8) - 8 == int(q[0, 0]) and ((byte >> 4) ^ 8) - 8 == int(q[0, 1])
+    with pytest.raises(ValueError, match=r"\[-8, 7\]"):
+        Q.pack_int4(torch.full((1, 2), 9, dtype=torch.int8))
+
+
+@pytest.mark.parametrize("kind", ["w8", "w4"])
+def test_weight_quantization_error_is_bounded(kind: str) -> None:
+    w = torch.randn(64, 256) * 0.05
+    if kind == "w8":
+        q, s = Q.quantize_w8(w)
+        deq = Q.dequantize_w8(q, s)
+        step = s[:, None].expand_as(w)
+    else:
+        p, s = Q.quantize_w4(w, 128)
+        deq = Q.dequantize_w4(p, s)
+        step = s.repeat_interleave(128, dim=1)
+    assert ((deq - w).abs() <= 0.5 * step + 1e-7).all()  # round to nearest: at most half a step everywhere
+    assert 0 < rel_err(deq, w) < (0.01 if kind == "w8" else 0.15)
+
+
+def test_activation_quantizer_rounds_half_to_even_and_saturates() -> None:
+    x = torch.tensor([0.5, 1.5, 2.5, -0.5, -2.5, 1000.0, -1000.0, 0.49])
+    assert Q.quantize_activation(x, 1.0).tolist() == [0, 2, 2, 0, -2, 127, -128, 0]
+
+
+def test_missing_library_is_backend_unavailable(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("EDGESSM_KERNELS_LIB", str(tmp_path / "nope.so"))
+    with pytest.raises(BackendUnavailable, match="nope.so"):
+        K.find_kernel_library()
+
+
+def test_kernel_wrappers_reject_cpu_tensors_by_name() -> None:
+    x = torch.zeros(1, 8)
+    with pytest.raises(ValueError, match=r"causal_conv1d_update: \w+ is on cpu, expected a CUDA tensor"):
+        K.causal_conv1d_update(x, torch.zeros(1, 8, 3), torch.zeros(8, 4), None)
+
+
+def test_wrappers_bind_exported_launchers() -> None:
+    """Every wrapper's launcher essm_<name> has a ctypes signature and is exported by a built library."""
+    wrappers = [K.causal_conv1d_fwd, K.causal_conv1d_update, K.selective_scan_fwd, K.selective_state_update,
+                K.ssd_scan_fwd, K.ssd_state_update]
+    assert {f"essm_{w.__name__}" for w in wrappers} == set(K._SIGNATURES)
+    try:
+        path = K.find_kernel_library()
+    except BackendUnavailable:
+        pytest.skip("no built libedgessm_kernels.so (set EDGESSM_KERNELS_LIB or build plugins/)")
+    import ctypes
+
+    lib = ctypes.CDLL(str(path))  # loads without a GPU (static cudart)
+    for name in K._SIGNATURES:
+        assert hasattr(lib, name), f"{path} does not export {name}"
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the error without a GPU")
+def test_backend_without_cuda_is_unavailable() -> None:
+    from edgessm.runtime.cuda_backend import CudaBackend
+
+    with pytest.raises(BackendUnavailable, match="CUDA"):
+        CudaBackend(_model("mamba1"))
+
+
+# ---- CPU: the backend's wiring, with the kernels replaced by their torch references ------------------
+def _fake_kernels(monkeypatch) -> None:
+    def conv_update(x, conv_state, w, b, silu=True, out=None):
+        y, new = ops.causal_conv1d_update(x, conv_state, w, b, silu)
+        conv_state.copy_(new)
+        return y
+
+    def state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=True, out=None):
+        y, new = ops.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+        state.copy_(new)
+        return y
+
+    def ssd_update(state, x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=True, dt_limit=(0.0, math.inf), out=None):
+        y, new = ops.ssd_state_update(state, x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit)
+        state.copy_(new)
+        return y
+
+    def add_rmsnorm(residual, out, weight, eps, normed):
+        r, n = Q.reference_add_rmsnorm(residual, out, weight, eps)
+        residual.copy_(r)
+        normed.copy_(n)
+
+    def strict(fn, rows_only: bool = False):
+        """Enforce what the real launchers require: contiguous tensors (GEMV inputs: unit stride along K)."""
+        def wrapped(*args, **kwargs):
+            for t in [*args, *kwargs.values()]:
+                if isinstance(t, torch.Tensor):
+                    assert (t.stride(-1) == 1) if rows_only else t.is_contiguous(), f"{fn.__name__}: {t.stride()}"
+            return fn(*args, **kwargs)
+        return wrapped
+
+    def conv_fwd(x, w, b, silu=True):
+        return ops.causal_conv1d(x, w, b, silu)
+
+    def ssd_fwd(*args, chunk_size=256, **kwargs):
+        return ops.ssd_scan(*args, **kwargs)
+
+    for name, fn in (("causal_conv1d_fwd", conv_fwd), ("causal_conv1d_update", conv_update),
+                     ("selective_scan_fwd", ops.selective_scan), ("selective_state_update", state_update),
+                     ("ssd_scan_fwd", ssd_fwd), ("ssd_state_update", ssd_update)):
+        monkeypatch.setattr(K, name, strict(fn))
+    monkeypatch.setattr(K, "kernel_library", lambda: None)
+    monkeypatch.setattr(Q, "add_rmsnorm", strict(add_rmsnorm))
+    monkeypatch.setattr(Q, "gemv_w8a16", strict(lambda x, q, s, b=None: Q.reference_w8a16(x, q, s, b).to(x.dtype), True))
+    monkeypatch.setattr(Q, "gemv_w4a16", strict(lambda x, p, s, b=None: Q.reference_w4a16(x, p, s, b).to(x.dtype), True))
+    monkeypatch.setattr(Q, "gemv_w8a8",
+                        strict(lambda x, xs, q, s, b=None: Q.reference_w8a8(x, xs, q, s, b).to(x.dtype), True))
+    monkeypatch.setattr(Q, "triton", object())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("batch", [1, 2])
+def test_backend_wiring_on_cpu(name: str, batch: int, monkeypatch) -> None:
+    from edgessm.runtime.cuda_backend import CudaBackend, CudaStates
+
+    _fake_kernels(monkeypatch)
+    model = _model(name)
+    backend = CudaBackend(copy.deepcopy(model), device="cpu", dtype=None, use_graph=False)
+    tokens = _tokens(model.config.vocab_size, batch, 12, seed=1)
+    errs = _teacher_forced(backend, model, tokens, steps=4)
+    assert max(errs) < 1e-5, errs
+    _, states = backend.prefill(tokens.numpy())
+    _, ref_states = model(tokens)
+    ref = CudaStates.from_layer_states(ref_states)
+    assert rel_err(states.conv, ref.conv) < 1e-6 and rel_err(states.ssm, ref.ssm) < 1e-5
+
+
+@pytest.mark.parametrize("weights", ["w8a16", "w4a16"])
+@pytest.mark.parametrize("name", ["mamba1", "mamba2"])
+def test_quantized_wiring_on_cpu(name: str, weights: str, monkeypatch) -> None:
+    from edgessm.runtime.cuda_backend import CudaBackend
+
+    _fake_kernels(monkeypatch)
+    model = _model(name)
+    backend = CudaBackend(copy.deepcopy(model), device="cpu", dtype=torch.bfloat16, weights=weights, group_size=32,
+                          use_graph=False)
+    assert {lin.mode for ly in backend._layers for lin in (ly.in_proj, ly.out_proj)} == {weights}
+    ref = _dequantized_copy(model, weights, 32, torch.bfloat16)
+    errs = _teacher_forced(backend, ref, _tokens(model.config.vocab_size, 1, 10, seed=2), steps=3)
+    assert max(errs) < 3e-2, errs  # bfloat16 activations vs the float32 model
+
+
+def test_quantized_modes_need_half_precision(monkeypatch) -> None:
+    from edgessm.runtime.cuda_backend import CudaBackend
+
+    _fake_kernels(monkeypatch)
+    with pytest.raises(ConfigError, match="float16/bfloat16"):
+        CudaBackend(_model("mamba1"), device="cpu", dtype=torch.float32, weights="w8a16", use_graph=False)
+
+
+# ---- GPU: Triton kernels vs float64 --------------------------------------------------------------------
+GEMV_SHAPES = [(1, 1536, 768), (1, 80, 1536), (3, 700, 384), (16, 64, 128), (37, 200, 256)]
+
+
+@needs_gpu
+@needs_triton
+@pytest.mark.parametrize("mode", ["w8a16", "w4a16", "w8a8", "w8a8-int8-in"])
+@pytest.mark.parametrize("shape", GEMV_SHAPES)
+def test_triton_gemv_vs_float64(mode: str, shape: tuple[int, int, int]) -> None:
+    m, n, k = shape
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    w = torch.randn(n, k, device="cuda") * 0.05
+    bias = torch.randn(n, device="cuda") if m % 2 else None
+    out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)
+    if mode == "w4a16":
+        p, s = Q.quantize_w4(w, 128)
+        got, ref = Q.gemv_w4a16(x, p, s, bias, out=out), Q.reference_w4a16(x, p, s, bias)
+    else:
+        q, s = Q.quantize_w8(w)
+        if mode == "w8a16":
+            got, ref = Q.gemv_w8a16(x, q, s, bias, out=out), Q.reference_w8a16(x, q, s, bias)
+        else:
+            xs = float(x.float().abs().max()) / 127 * 0.7  # saturates the largest inputs on purpose
+            xin = Q.quantize_activation(x, xs) if mode.endswith("int8-in") else x
+            got, ref = Q.gemv_w8a8(xin, xs, q, s, bias, out=out), Q.reference_w8a8(xin, xs, q, s, bias)
+    torch.cuda.synchronize()
+    assert got.data_ptr() == out.data_ptr()
+    assert rel_err(got, ref) < 1e-3  # float16 output rounding; the sums themselves are float32 / exact int32
+
+
+@needs_gpu
+@needs_triton
+@pytest.mark.parametrize("res_dtype", [torch.float32, torch.float16])
+def test_add_rmsnorm_matches_block_arithmetic(res_dtype: torch.dtype) -> None:
+    from edgessm.models.norm import RMSNorm
+
+    d = 768
+    norm = RMSNorm(d).cuda().half()
+    with torch.no_grad():
+        norm.weight.add_(0.1 * torch.randn_like(norm.weight))
+    residual = torch.randn(3, d, device="cuda", dtype=res_dtype)
+    out = torch.randn(3, d, device="cuda", dtype=torch.float16)
+    normed = torch.full((3, d), float("nan"), device="cuda", dtype=torch.float16)
+    expect_res = residual + out
+    with torch.no_grad():
+        expect = norm(expect_res.to(torch.float16))
+    Q.add_rmsnorm(residual, out, norm.weight, norm.eps, normed)
+    assert rel_err(residual, expect_res) == 0.0
+    assert rel_err(normed, expect) < 2e-3  # rsqrt and fp16 re-rounding may differ by an ulp
+
+
+# ---- GPU: kernel wrappers vs the reference ops ---------------------------------------------------------
+@needs_gpu
+def test_kernel_wrappers_vs_reference_ops() -> None:
+    K.kernel_library()
+    g = torch.Generator(device="cuda").manual_seed(torch.seed() % 2**31)
+    r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
+    b, d, n, length, width = 2, 96, 16, 37, 4
+    x, w, bias = r(b, d, length), r(d, width), r(d)
+    y, st = K.causal_conv1d_fwd(x, w, bias)
+    y_ref, st_ref = ops.causal_conv1d(x.double(), w.double(), bias.double())
+    assert rel_err(y, y_ref) < 1e-5 and rel_err(st, st_ref) == 0.0
+    xt, state = r(b, d), r(b, d, width - 1)
+    y_ref, st_ref = ops.causal_conv1d_update(xt.double(), state.double(), w.double(), bias.double())
+    assert rel_err(K.causal_conv1d_update(xt, state, w, bias), y_ref) < 1e-5 and rel_err(state, st_ref) == 0.0
+
+    A = -torch.rand(d, n, device="cuda", generator=g) * 4 - 0.1
+    u, delta, z, Bm, Cm, D, db = r(b, d, length), r(b, d, length) - 1, r(b, d, length), r(b, n, length), r(b, n, length), r(d), r(d)
+    h0 = r(b, d, n)
+    y, hT = K.selective_scan_fwd(u, delta, A, Bm, Cm, D, z, db, True, initial_state=h0)
+    y_ref, hT_ref = ops.selective_scan(*(t.double() for t in (u, delta, A, Bm, Cm, D, z, db)), delta_softplus=True,
+                                       initial_state=h0.double())
+    assert rel_err(y, y_ref) < 1e-4 and rel_err(hT, hT_ref) < 1e-4
+    xs, dts, zs, Bs, Cs = r(b, d), r(b, d), r(b, d), r(b, n), r(b, n)
+    y_ref, h_ref = ops.selective_state_update(h0.double(), *(t.double() for t in (xs, dts, A, Bs, Cs, D, zs, db)), True)
+    y = K.selective_state_update(h0, xs, dts, A, Bs, Cs, D, zs, db, True)
+    assert rel_err(y, y_ref) < 1e-5 and rel_err(h0, h_ref) < 1e-5
+
+    H, P, G, N = 8, 16, 2, 32
+    x4, dt3, B4, C4 = r(b, length, H, P), r(b, length, H), r(b, length, G, N), r(b, length, G, N)
+    Ah, Dh, dbh, s0 = -torch.rand(H, device="cuda", generator=g) - 0.1, r(H), r(H), r(b, H, P, N)
+    y, sT = K.ssd_scan_fwd(x4, dt3, Ah, B4, C4, Dh, dbh, True, (0.0, 0.5), initial_state=s0)
+    y_ref, sT_ref = ops.ssd_scan(*(t.double() for t in (x4, dt3, Ah, B4, C4, Dh, dbh)), True, (0.0, 0.5),
+                                 initial_state=s0.double())
+    assert rel_err(y, y_ref) < 1e-4 and rel_err(sT, sT_ref) < 1e-4
+    x3, dt2, B3, C3 = r(b, H, P), r(b, H), r(b, G, N), r(b, G, N)
+    y_ref, s_ref = ops.ssd_state_update(s0.double(), *(t.double() for t in (x3, dt2, Ah, B3, C3, Dh, dbh)), True, (0.0, 0.5))
+    y = K.ssd_state_update(s0, x3, dt2, Ah, B3, C3, Dh, dbh, True, (0.0, 0.5))
+    assert rel_err(y, y_ref) < 1e-5 and rel_err(s0, s_ref) < 1e-5
+
+
+@needs_gpu
+def test_kernel_wrappers_name_the_bad_tensor() -> None:
+    x = torch.zeros(2, 8, device="cuda")
+    with pytest.raises(ValueError, match=r"conv_state has shape \(2, 8, 2\), expected \(2, 8, 3\)"):
+        K.causal_conv1d_update(x, torch.zeros(2, 8, 2, device="cuda"), torch.zeros(8, 4, device="cuda"), None)
+    with pytest.raises(TypeError, match="weight has dtype torch.float16"):
+        K.causal_conv1d_update(x, torch.zeros(2, 8, 3, device="cuda"), torch.zeros(8, 4, device="cuda").half(), None)
+    with pytest.raises(ValueError, match="state must be contiguous"):
+        K.selective_state_update(torch.zeros(2, 4, 8, device="cuda").transpose(1, 2), x, x, torch.zeros(8, 4, device="cuda"),
+                                 torch.zeros(2, 4, device="cuda"), torch.zeros(2, 4, device="cuda"))
+
+
+# ---- GPU: the backend vs the reference model -------------------------------------------------------------
+@needs_gpu
+@needs_triton
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_backend_float32_logits_and_greedy_tokens(name: str) -> None:
+    from edgessm.runtime.backend import TorchBackend
+    from edgessm.runtime.cuda_backend import CudaBackend
+
+    model = _model(name)
+    ref = TorchBackend(copy.deepcopy(model), device="cuda")
+    backend = CudaBackend(model, dtype=torch.float32)
+    errs = _teacher_forced(backend, ref.model, _tokens(model.config.vocab_size, 2, 40, seed=3), steps=8)
+    assert max(errs) < FP32_BOUND, errs
+    assert backend.decode_graph(2).graph is not None  # the steps above replayed a captured graph
+    prompt = _tokens(model.config.vocab_size, 1, 9, seed=4).numpy()
+    got = generate(backend, prompt, 32)
+    want = generate(ref, prompt, 32)
+    np.testing.assert_array_equal(got.new_tokens, want.new_tokens)
+
+
+@needs_gpu
+@needs_triton
+@pytest.mark.parametrize("name", ["mamba1", "mamba2"])
+def test_backend_float16_within_bound(name: str) -> None:
+    from edgessm.runtime.backend import TorchBackend
+    from edgessm.runtime.cuda_backend import CudaBackend
+
+    model = _model(name)
+    ref = TorchBackend(copy.deepcopy(model).half(), device="cuda")
+    backend = CudaBackend(model, dtype=torch.float16)
+    errs = _teacher_forced(backend, ref.model, _tokens(model.config.vocab_size, 1, 40, seed=5), steps=16)
+    print(f"{name} float16 teacher-forced logits rel err: max {max(errs):.2e}")
+    assert max(errs) < FP16_BOUND, errs
+    # Greedy decoding: where the tokens first differ, the reference's own logits must nearly tie.
+    prompt = _tokens(model.config.vocab_size, 1, 9, seed=6).numpy()
+    got, want = generate(backend, prompt, 32).new_tokens[0], generate(ref, prompt, 32).new_tokens[0]
+    diff = np.flatnonzero(got != want)
+    if diff.size:
+        i = int(diff[0])
+        ctx = np.concatenate([prompt[0], want[:i]])[None]
+        logits, _ = ref.prefill(ctx)
+        gap = abs(logits[0, -1, got[i]] - logits[0, -1, want[i]]) / np.abs(logits[0, -1]).max()
+        assert gap < 1e-2, f"token {i}: {got[i]} vs {want[i]}, relative logit gap {gap:.3g}"
+
+
+@needs_gpu
+@needs_triton
+@pytest.mark.parametrize("weights", ["w8a16", "w4a16", "w8a8"])
+@pytest.mark.parametrize("name", ["mamba1", "mamba2"])
+def test_backend_quantized(name: str, weights: str) -> None:
+    from edgessm.runtime.cuda_backend import CudaBackend
+
+    model = _model(name)
+    tokens = _tokens(model.config.vocab_size, 1, 30, seed=7)
+    backend = CudaBackend(copy.deepcopy(model), weights=weights, group_size=64, calib_tokens=tokens)
+    if weights == "w8a8":
+        w8a16 = CudaBackend(copy.deepcopy(model), weights="w8a16")
+        got, _ = backend.prefill(tokens.numpy())
+        want, _ = w8a16.prefill(tokens.numpy())
+        err = rel_err(torch.from_numpy(got), torch.from_numpy(want))
+        print(f"{name} w8a8 vs w8a16 logits rel err {err:.3e}")
+        assert err < W8A8_BOUND
+        return
+    ref = _dequantized_copy(model, weights, 64).cuda()
+    errs = _teacher_forced(backend, ref, tokens, steps=8)
+    print(f"{name} {weights} vs dequantized float32 model: max rel err {max(errs):.2e}")
+    assert max(errs) < QUANT_BOUND, errs

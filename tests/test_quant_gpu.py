@@ -1,0 +1,52 @@
+"""Quantization on a CUDA device agrees with the CPU reference (skipped without a GPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
+
+import edgessm
+from edgessm.quant import get_recipe, load_quantized, quantize_model, save_quantized
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double().cpu() - b.double().cpu()).norm() / b.double().cpu().norm())
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    torch.manual_seed(0)
+    dirs = {"mamba1": tmp_path_factory.mktemp("m1"), "mamba2": tmp_path_factory.mktemp("m2")}
+    MambaForCausalLM(MambaConfig(vocab_size=300, hidden_size=384, num_hidden_layers=2, state_size=16)).save_pretrained(dirs["mamba1"])
+    Mamba2ForCausalLM(Mamba2Config(vocab_size=300, hidden_size=384, num_hidden_layers=2, state_size=32, num_heads=12,
+                                   head_dim=64, n_groups=2, chunk_size=32)).save_pretrained(dirs["mamba2"])
+    return dirs  # d_inner = 768 = 12 * 64: the non-power-of-two Hadamard path
+
+
+@pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
+@pytest.mark.parametrize("name", ["w8a8", "w4a8", "w4a16"])
+def test_cuda_quantization_matches_cpu(arch: str, name: str, model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    recipe = get_recipe(name)
+    tokens = torch.randint(0, 300, (8, 64), generator=torch.Generator().manual_seed(1))
+    cpu_q, cpu_rep = quantize_model(edgessm.load_model(model_dirs[arch]), recipe, tokens, progress=False)
+    gpu_q, gpu_rep = quantize_model(edgessm.load_model(model_dirs[arch], device="cuda"), recipe, tokens, progress=False)
+    assert all(t.device.type == "cuda" for t in gpu_q.state_dict().values())
+    test = torch.randint(0, 300, (2, 48))
+    with torch.no_grad():
+        ref, _ = cpu_q(test)
+        got, _ = gpu_q(test.cuda())
+        half, _ = gpu_q.half()(test.cuda())
+    assert torch.isfinite(got).all() and torch.isfinite(half).all()
+    # different float summation order on the GPU can flip a few rounding decisions (codes ±1)
+    assert rel(got, ref) < 2e-2
+    assert rel(half, ref) < 5e-2
+    for a, b in zip(cpu_rep["layers"], gpu_rep["layers"]):
+        assert abs(a["mixer_output_sqnr_db"] - b["mixer_output_sqnr_db"]) < 1.0
+    save_quantized(gpu_q.float().cpu(), recipe, tmp_path / "q", {})
+    with torch.no_grad():
+        assert rel(load_quantized(tmp_path / "q")(test)[0], ref) < 2e-2
