@@ -444,7 +444,9 @@ def _train_loop(model: torch.nn.Module, spec: dict[str, Any], corpus: Corpus, ar
     curve, heldout_curve = [], []
     loss_acc = torch.zeros((), device=device)
     step, t0 = 0, time.perf_counter()
-    last_eval, interval_start, probe = t0, t0, {}
+    last_eval, interval_start = t0, t0
+    probe_t: dict[int, float] = {}
+    probe: dict[str, Any] = {}
     model.train()
     while True:
         elapsed = time.perf_counter() - t0
@@ -466,9 +468,9 @@ def _train_loop(model: torch.nn.Module, spec: dict[str, Any], corpus: Corpus, ar
         if step == 3 or step == 13:  # time steps 4..13: past first-call allocations and autotuning
             if use_cuda:
                 torch.cuda.synchronize()
-            probe[step] = time.perf_counter()
+            probe_t[step] = time.perf_counter()
             if step == 13:
-                step_s = (probe[13] - probe[3]) / 10
+                step_s = (probe_t[13] - probe_t[3]) / 10
                 probe = {"step_time_s": step_s, "projected_steps": int(budget_s / step_s)}
                 LOG.info("probe: %.3f s/step -> about %d steps in %.0f s", step_s, probe["projected_steps"], budget_s)
         if step % HPARAMS["log_every_steps"] == 0:

@@ -125,10 +125,22 @@ def test_export_from_quantized_directory(quantized, tmp_path: Path) -> None:
     model = quantized("mamba2", "w4a8")
     recipe = model.mixers[0].recipe
     save_quantized(model, recipe, tmp_path / "q", calibration={"source": "test"})
-    result = export_onnx(tmp_path / "q", tmp_path / "o", scan="portable")
+    result = export_onnx(tmp_path / "q", tmp_path / "o", scan="portable", external_data_threshold=0)
     assert result.manifest["quantization"]["w_bits"] == 4 and result.manifest["quantization"]["a_bits"] == 8
+    proto = onnx.load(str(tmp_path / "o" / "prefill.onnx"), load_external_data=False)
+    int4 = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT4]
+    assert int4 and all(t.data_location == onnx.TensorProto.EXTERNAL for t in int4 if t.name.endswith("in_proj.qweight_t"))
     backend = OrtBackend(tmp_path / "o")
     tokens = np.random.default_rng(0).integers(0, 100, (1, 9))
     with torch.no_grad():
         ref, _ = model(torch.from_numpy(tokens))
     assert rel_err(torch.from_numpy(backend.prefill(tokens)[0]), ref) < TOL
+
+
+def test_quantized_export_is_byte_deterministic(quantized, tmp_path: Path) -> None:
+    model = quantized("mamba2", "w4a8")
+    a = export_onnx(model, tmp_path / "a", scan="plugin", external_data_threshold=0)
+    b = export_onnx(model, tmp_path / "b", scan="plugin", external_data_threshold=0)
+    assert a.files == b.files
+    for f in a.files:
+        assert (a.out_dir / f).read_bytes() == (b.out_dir / f).read_bytes(), f

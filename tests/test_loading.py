@@ -160,3 +160,18 @@ def test_untied_head_that_differs_from_embeddings_is_refused(checkpoint: Path) -
     _edit_weights(checkpoint, lambda t: t.__setitem__("lm_head.weight", torch.randn_like(t["backbone.embeddings.weight"])))
     with pytest.raises(CheckpointError, match="lm_head.weight differs from backbone.embeddings.weight"):
         edgessm.load_model(checkpoint)
+
+
+def test_artifacts_get_ordinary_permissions(tmp_path: Path) -> None:
+    from edgessm.io import atomic_write_text
+
+    mask = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        model = random_model(edgessm.MambaConfig(arch="mamba1", vocab_size=10, d_model=8, n_layer=1, d_state=2))
+        edgessm.save_model(model, tmp_path / "m")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "m").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "m" / "model.safetensors").stat().st_mode & 0o777 == 0o644

@@ -151,3 +151,75 @@ def test_hadamard_transform(n: int) -> None:
     (y,) = _run("HadamardTransform", {"x": x, "had_m": hadamard_base(m).numpy()}, 1, TensorProto.FLOAT, 1,
                 scale=1.0 / math.sqrt(n))
     assert rel_err(torch.from_numpy(y), hadamard_transform(_t(x))) < 1e-5
+
+
+def _codes(rng: np.random.Generator, *shape: int) -> np.ndarray:
+    return rng.integers(-128, 128, shape).astype(np.int8)
+
+
+def test_quant_selective_scan() -> None:
+    """Quant op = float op on q * scale (u per channel, the rest per tensor)."""
+    rng = np.random.default_rng(7)
+    length = 9
+    p = _m1_params(rng)
+    q = {k: _codes(rng, *s) for k, s in (("u", (B, D, length)), ("delta", (B, D, length)), ("Bm", (B, N, length)),
+                                        ("Cm", (B, N, length)), ("z", (B, D, length)))}
+    scales = {"u_scale": (0.02 * rng.random(D) + 0.005).astype(np.float32), "delta_scale": np.float32([0.01]),
+              "B_scale": np.float32([0.015]), "C_scale": np.float32([0.02]), "z_scale": np.float32([0.03])}
+    bias = _rand(rng, D, scale=0.5)
+    feeds = {"u": q["u"], "delta": q["delta"], "A": p["A"], "Bm": q["Bm"], "Cm": q["Cm"], "Dskip": p["Dskip"],
+             "z": q["z"], "delta_bias": bias, **scales}
+    y, state = _run("QuantSelectiveScan", feeds, 2, TensorProto.FLOAT, 4, delta_softplus=1, out_dtype=TensorProto.FLOAT)
+    deq = {k: _t(v) * _t(scales[s]).reshape(-1, 1) if k == "u" else _t(v) * float(scales[s][0])
+           for k, v, s in ((k, q[k], s) for k, s in (("u", "u_scale"), ("delta", "delta_scale"), ("Bm", "B_scale"),
+                                                      ("Cm", "C_scale"), ("z", "z_scale")))}
+    ry, rs = selective_scan(deq["u"], deq["delta"], _t(p["A"]), deq["Bm"], deq["Cm"], _t(p["Dskip"]), deq["z"], _t(bias), True)
+    assert y.dtype == np.float32
+    assert rel_err(torch.from_numpy(y), ry) < 1e-5 and rel_err(torch.from_numpy(state), rs) < 1e-5
+
+
+def test_quant_ssd_state_update() -> None:
+    rng = np.random.default_rng(8)
+    state, dt = _rand(rng, B, H, P, NS), _rand(rng, B, H)
+    qx, qb, qc = _codes(rng, B, H, P), _codes(rng, B, G, NS), _codes(rng, B, G, NS)
+    xs = (0.02 * rng.random(H * P) + 0.005).astype(np.float32)
+    bs, cs = (0.02 * rng.random(G) + 0.005).astype(np.float32), (0.02 * rng.random(G) + 0.005).astype(np.float32)
+    A, dskip, bias = -np.exp(_rand(rng, H)), _rand(rng, H), _rand(rng, H)
+    feeds = {"state": state, "x": qx, "dt": dt, "A": A, "Bm": qb, "Cm": qc, "Dskip": dskip, "dt_bias": bias,
+             "x_scale": xs, "B_scale": bs, "C_scale": cs}
+    y, new = _run("QuantSSDStateUpdate", feeds, 2, TensorProto.FLOAT, 1, dt_softplus=1, out_dtype=TensorProto.FLOAT)
+    x = _t(qx) * _t(xs).reshape(H, P)
+    bm, cm = _t(qb) * _t(bs)[:, None], _t(qc) * _t(cs)[:, None]
+    ry, rs = ssd_state_update(_t(state), x, _t(dt), _t(A), bm, cm, _t(dskip), _t(bias), True)
+    assert rel_err(torch.from_numpy(y), ry) < 1e-5 and rel_err(torch.from_numpy(new), rs) < 1e-5
+
+
+@pytest.mark.parametrize("length", [1, 11])
+def test_quant_ssd_scan(length: int) -> None:
+    rng = np.random.default_rng(9 + length)
+    dt = _rand(rng, B, length, H)
+    qx, qb, qc = _codes(rng, B, length, H, P), _codes(rng, B, length, G, NS), _codes(rng, B, length, G, NS)
+    xs = (0.02 * rng.random(H * P) + 0.005).astype(np.float32)
+    bs, cs = (0.02 * rng.random(G) + 0.005).astype(np.float32), (0.02 * rng.random(G) + 0.005).astype(np.float32)
+    A, dskip, bias = -np.exp(_rand(rng, H)), _rand(rng, H), _rand(rng, H)
+    feeds = {"x": qx, "dt": dt, "A": A, "Bm": qb, "Cm": qc, "Dskip": dskip, "dt_bias": bias,
+             "x_scale": xs, "B_scale": bs, "C_scale": cs}
+    y, state = _run("QuantSSDScan", feeds, 2, TensorProto.FLOAT, 4, dt_softplus=1, chunk_size=64,
+                    out_dtype=TensorProto.FLOAT)
+    x = _t(qx) * _t(xs).reshape(H, P)
+    bm, cm = _t(qb) * _t(bs)[:, None], _t(qc) * _t(cs)[:, None]
+    ry, rs = ssd_scan(x, _t(dt), _t(A), bm, cm, _t(dskip), _t(bias), True)
+    assert rel_err(torch.from_numpy(y), ry) < 1e-5 and rel_err(torch.from_numpy(state), rs) < 1e-5
+
+
+def test_hadamard_quantize() -> None:
+    rng = np.random.default_rng(11)
+    n, out_scale = 128, 0.01
+    x = _rand(rng, 4, n)
+    (q,) = _run("HadamardQuantize", {"x": x, "had_m": hadamard_base(1).numpy()}, 1, TensorProto.FLOAT, 1,
+                scale=1.0 / math.sqrt(n), out_scale=out_scale)
+    ref = torch.clamp(torch.round(hadamard_transform(_t(x)) / out_scale), -128, 127)
+    assert q.dtype == np.int8
+    # identical codes except where float32 vs float64 rotation lands within rounding distance of a .5
+    assert (torch.from_numpy(q.astype(np.int64)) - ref).abs().max() <= 1
+    assert (torch.from_numpy(q.astype(np.int64)) == ref).double().mean() > 0.99

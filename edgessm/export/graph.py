@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from onnx import ModelProto, TensorProto, helper
+from onnx import ModelProto, TensorProto, helper, numpy_helper
 
 from edgessm.config import MambaConfig
 from edgessm.export.builder import DOMAIN, GraphBuilder
@@ -48,6 +48,18 @@ def state_dims(config: MambaConfig) -> tuple[list[int | str], list[int | str]]:
 
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(torch.float32).cpu().contiguous().numpy()
+
+
+def _int_tensor(name: str, codes: np.ndarray, bits: int) -> TensorProto:
+    """An INT8 or INT4 initializer with raw bytes (INT4: two codes per byte, the first in the low
+    nibble, as ONNX packs them), so large weights can move to external data."""
+    if bits == 8:
+        return numpy_helper.from_array(codes.astype(np.int8), name)
+    flat = codes.astype(np.uint8).reshape(-1) & 0xF
+    if flat.size % 2:
+        flat = np.append(flat, np.uint8(0))
+    packed = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8)
+    return helper.make_tensor(name, TensorProto.INT4, codes.shape, packed.tobytes(), raw=True)
 
 
 class _ModelGraph:
@@ -83,10 +95,9 @@ class _ModelGraph:
 
         codes = module.codes().detach().cpu().T.contiguous().numpy().astype(np.int8)  # [in, out]
         scales = _np(module.w_scale)  # [out, n_groups]
-        dtype = TensorProto.INT8 if module.w_bits == 8 else TensorProto.INT4
         name = f"{prefix}.qweight_t"
         if name not in self._weights:
-            self.b.initializer_proto(helper.make_tensor(name, dtype, codes.shape, codes.flatten().tolist()))
+            self.b.initializer_proto(_int_tensor(name, codes, module.w_bits))
             self._weights[name] = name
         if scales.shape[1] == 1:
             return self.b.op("DequantizeLinear", [name, self.weight(f"{prefix}.w_scale", scales[:, 0])], axis=1)

@@ -4,12 +4,13 @@ One function per op, taking the op's inputs in contract order. ``--scan portable
 them in place of custom nodes, and ``edgessm.runtime.ort_ops`` calls them to rewrite the custom
 nodes of a plugin-mode graph for ONNX Runtime, so both modes compute with the same subgraphs.
 
-Prefill scans run as an ONNX ``Scan`` over chunks of ``chunk`` tokens. Inside a chunk the
-state trajectory is computed in parallel (the chunked form of ``edgessm.ops.selective_scan_chunked``
-/ ``ssd_scan_chunked``: masked cumulative log-decays, exponentiated, then MatMuls); chunks are
-chained through the Scan state. The sequence is zero-padded to a multiple of ``chunk`` after
+Prefill scans run as an ONNX ``Scan`` over chunks of ``chunk`` tokens, chained through the
+Scan state. Inside a chunk, Mamba-2 uses the SSD chunk form of ``edgessm.ops.ssd_scan_chunked``
+(masked cumulative log-decays, exponentiated, then MatMuls); Mamba-1, whose state has a decay per
+(channel, state) pair, computes every step's decay and input at once and unrolls the ``chunk``
+cheap recurrence steps. The sequence is zero-padded to a multiple of ``chunk`` after
 discretisation, where a zero step (dt = 0) leaves the state unchanged. docs/export.md records
-the measurements behind the default chunk sizes.
+the measurements behind these choices and the default chunk sizes.
 
 All arithmetic is float32; float16 activations are cast on the way in and out.
 """
@@ -290,15 +291,13 @@ def hadamard_quantize(b: GraphBuilder, node: Node) -> None:
     b.op("QuantizeLinear", [_f32(b, rotated, node), out_scale, b.const(0, np.int8)], outputs=[node.outputs[0]])
 
 
-# Quant* ops: which inputs are int8, and how each scale input broadcasts against its tensor
-# (the shape the scale is reshaped to; None = as it is).
-_QUANT_LAYOUT: dict[str, dict[str, tuple[str, Callable[[Node], list[int] | None]]]] = {
-    "QuantSelectiveScan": {"u": ("u_scale", lambda n: [-1, 1]), "delta": ("delta_scale", lambda n: None),
-                           "Bm": ("B_scale", lambda n: None), "Cm": ("C_scale", lambda n: None),
-                           "z": ("z_scale", lambda n: None)},
-    "QuantSelectiveStateUpdate": {"x": ("x_scale", lambda n: None), "dt": ("dt_scale", lambda n: None),
-                                  "Bm": ("B_scale", lambda n: None), "Cm": ("C_scale", lambda n: None),
-                                  "z": ("z_scale", lambda n: None)},
+# Quant* ops: int8 input → (its scale input, the shape the scale is reshaped to so that it
+# broadcasts against the tensor; None = as it is, a [1] or a last-axis [C] scale).
+_QUANT_LAYOUT: dict[str, dict[str, tuple[str, Callable[[Node], list[int]] | None]]] = {
+    "QuantSelectiveScan": {"u": ("u_scale", lambda n: [-1, 1]), "delta": ("delta_scale", None),
+                           "Bm": ("B_scale", None), "Cm": ("C_scale", None), "z": ("z_scale", None)},
+    "QuantSelectiveStateUpdate": {"x": ("x_scale", None), "dt": ("dt_scale", None), "Bm": ("B_scale", None),
+                                  "Cm": ("C_scale", None), "z": ("z_scale", None)},
     "QuantSSDScan": {"x": ("x_scale", lambda n: [n.dim(0, 2, "head count"), -1]), "Bm": ("B_scale", lambda n: [-1, 1]),
                      "Cm": ("C_scale", lambda n: [-1, 1])},
     "QuantSSDStateUpdate": {"x": ("x_scale", lambda n: [n.dim(1, 1, "head count"), -1]),
@@ -308,30 +307,21 @@ _QUANT_LAYOUT: dict[str, dict[str, tuple[str, Callable[[Node], list[int] | None]
 
 def quant_scan(b: GraphBuilder, node: Node, chunk: int | None = None) -> None:
     """A Quant* scan: dequantize each int8 input as ``q * scale`` (broadcast per channel/group),
-    then the float op's lowering; ``out_dtype`` is the activation dtype."""
+    then the float op's lowering with ``out_dtype`` as the activation dtype."""
     from edgessm.export.schemas import OP_SPECS
 
     float_op = node.op_type.removeprefix("Quant")
     names = [n for n, _ in OP_SPECS[node.op_type].inputs]
-    n_float = len(OP_SPECS[float_op].inputs)
-    args = list(node.inputs[:n_float])
+    args = list(node.inputs[: len(OP_SPECS[float_op].inputs)])
     for tensor, (scale_name, shape) in _QUANT_LAYOUT[node.op_type].items():
         i = names.index(tensor)
         scale = node.inputs[names.index(scale_name)]
-        target = shape(node)
-        if target is not None:
-            scale = b.reshape(scale, target)
+        if shape is not None:
+            scale = b.reshape(scale, shape(node))
         args[i] = b.op("Mul", [b.op("Cast", [node.inputs[i]], to=TensorProto.FLOAT), scale])
+    attrs = {k: v for k, v in node.attrs.items() if k != "out_dtype"}
     io = int(node.attrs.get("out_dtype", TensorProto.FLOAT))
-    inner = Node(float_op, args, node.outputs, {k: v for k, v in node.attrs.items() if k != "out_dtype"},
-                 node.shapes[:n_float], TensorProto.FLOAT)
-    if io != TensorProto.FLOAT:
-        y = b.fresh("y")
-        inner.outputs = [y, node.outputs[1]]
-        lower(b, inner, chunk)
-        b.op("Cast", [y], outputs=[node.outputs[0]], to=io)
-    else:
-        lower(b, inner, chunk)
+    lower(b, Node(float_op, args, node.outputs, attrs, node.shapes[: len(args)], io), chunk)
 
 
 LOWERINGS: dict[str, Callable[..., None]] = {

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from edgessm.errors import ConfigError
+from edgessm.models import MambaLM
 from edgessm.runtime.backend import Backend, TorchBackend
 
 BACKENDS = ("auto", "torch", "ort", "trt")
@@ -34,7 +37,13 @@ def open_backend(path: str | Path, backend: str = "auto", device: str = "cpu") -
         from edgessm.runtime.trt import TrtBackend
 
         return TrtBackend(path)
-    return TorchBackend(load_any_model(path), device=device)
+    model = load_any_model(path)
+    if torch.device(device).type == "cuda" and isinstance(model, MambaLM):
+        # float checkpoints on a GPU run on the CUDA kernels with a CUDA-graph decode step
+        from edgessm.runtime.cuda_backend import CudaBackend
+
+        return CudaBackend(model, device=device)
+    return TorchBackend(model, device=device)
 
 
 def load_any_model(path: str | Path):  # -> MambaLM or a quantized model with the same API
