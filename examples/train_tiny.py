@@ -32,8 +32,8 @@ import sys
 import sysconfig
 import tempfile
 import time
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -390,7 +390,9 @@ def heldout_nll(
     for start in range(0, n_windows, batch_windows):
         batch = ids[start : start + batch_windows].to(device)
         logits = model(input_ids=batch, use_cache=False).logits.float()
-        total += F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB_SIZE), batch[:, 1:].reshape(-1), reduction="sum").item()
+        total += F.cross_entropy(
+            logits[:, :-1].reshape(-1, VOCAB_SIZE), batch[:, 1:].reshape(-1), reduction="sum"
+        ).item()
     return total / (n_windows * (SEQ_LEN - 1)), n_windows
 
 
@@ -433,7 +435,9 @@ class _Batches:
         return self.data[starts.to(self.data.device) + self.offsets].long()
 
 
-def _train_loop(model: torch.nn.Module, spec: dict[str, Any], corpus: Corpus, args: argparse.Namespace, seed: int) -> dict[str, Any]:
+def _train_loop(
+    model: torch.nn.Module, spec: dict[str, Any], corpus: Corpus, args: argparse.Namespace, seed: int
+) -> dict[str, Any]:
     device = next(model.parameters()).device
     use_cuda = device.type == "cuda"
     opt = torch.optim.AdamW(
@@ -480,8 +484,14 @@ def _train_loop(model: torch.nn.Module, spec: dict[str, Any], corpus: Corpus, ar
             if not math.isfinite(mean_loss):
                 raise FloatingPointError(f"training loss became {mean_loss} at step {step}")
             curve.append({"step": step, "elapsed_s": round(now - t0, 2), "train_loss": round(mean_loss, 4), "lr": lr})
-            LOG.info("step %d  %.0fs  loss %.4f  lr %.2e  %.3f s/step", step, now - t0, mean_loss, lr,
-                     (now - interval_start) / HPARAMS["log_every_steps"])
+            LOG.info(
+                "step %d  %.0fs  loss %.4f  lr %.2e  %.3f s/step",
+                step,
+                now - t0,
+                mean_loss,
+                lr,
+                (now - interval_start) / HPARAMS["log_every_steps"],
+            )
             interval_start = now
             if now - last_eval >= HPARAMS["heldout_eval_every_s"]:
                 model.eval()
@@ -575,20 +585,35 @@ def train_one(name: str, args: argparse.Namespace) -> None:
     t_start = time.perf_counter()
     result = _train_loop(model, spec, corpus, args, seed)
     final = _final_eval(model, corpus)
-    LOG.info("%s: %d steps, held-out perplexity %.4f (fp32), unigram %.2f", name, result["steps"],
-             final["perplexity"], final["unigram_heldout_perplexity"])
+    LOG.info(
+        "%s: %d steps, held-out perplexity %.4f (fp32), unigram %.2f",
+        name,
+        result["steps"],
+        final["perplexity"],
+        final["unigram_heldout_perplexity"],
+    )
     log = {
         "model": name,
         "arch": spec["arch"],
         "n_parameters": n_params,
         "config": model.config.to_dict(),
-        "hyperparameters": {**HPARAMS, "batch_size": spec["batch_size"], "peak_lr": spec["lr"], "seed": seed,
-                            "minutes_budget": args.minutes, "fixed_steps": args.steps},
-        "special_tokens": f"pad = bos = eos = {SPECIAL_TOKEN_ID} (NUL byte, absent from the text); token id = byte value",
+        "hyperparameters": {
+            **HPARAMS,
+            "batch_size": spec["batch_size"],
+            "peak_lr": spec["lr"],
+            "seed": seed,
+            "minutes_budget": args.minutes,
+            "fixed_steps": args.steps,
+        },
+        "special_tokens": (
+            f"pad = bos = eos = {SPECIAL_TOKEN_ID} (NUL byte, absent from the text); token id = byte value"
+        ),
         "versions": _versions(),
         "data": corpus.info,
         "train_time_scan": {
-            "what": f"training forward/backward used train_tiny.{spec['arch']}_scan_train in place of transformers' scan",
+            "what": (
+                f"training forward/backward used train_tiny.{spec['arch']}_scan_train in place of transformers' scan"
+            ),
             "rel_l2_logits_vs_transformers_fp32": scan_rel_err,
         },
         "training": result,
@@ -611,7 +636,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output directory (one sub-directory per model, plus data/)")
     p.add_argument("--minutes", type=float, default=4.5, help="training-loop budget per model")
     p.add_argument("--steps", type=int, default=0, help="train exactly this many steps instead (lr schedule by step)")
-    p.add_argument("--models", default=",".join(sorted(MODEL_SPECS)), help="comma-separated subset of " + ",".join(MODEL_SPECS))
+    p.add_argument(
+        "--models", default=",".join(sorted(MODEL_SPECS)), help="comma-separated subset of " + ",".join(MODEL_SPECS)
+    )
     p.add_argument("--batch-size", type=int, default=0, help="override every model's batch size (smoke tests)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--cpu", action="store_true", help="train on the CPU (smoke tests)")

@@ -28,13 +28,20 @@ struct ScanArgs {
   const void* z;
   const float* delta_bias;
   int delta_softplus;
-  const float* u_scale;  // per channel, NULL = 1
-  float delta_scale, B_scale, C_scale, z_scale;
+  // int8 dequantization scales (device pointers, NULL for float io): u_scale per channel, the
+  // others per tensor ([1]), read by the kernels so that a launch never waits on the host.
+  const float* u_scale;
+  const float *delta_scale, *B_scale, *C_scale, *z_scale;
   const float* initial_state;
   void* y;
   float* final_state;
   int batch, dim, dstate, seqlen;
 };
+
+// A scale pointer's value (1 for NULL, i.e. float io, whose loads ignore the scale anyway).
+__device__ __forceinline__ float scale_at(const float* s, int64_t i) {
+  return s != nullptr ? __ldg(s + i) : 1.f;
+}
 
 // Shared memory: A*log2(e) [R][N], carry [2][N][R] (double-buffered by chunk parity), warp
 // aggregates [2][kScanWarps][R][2] (double-buffered by (chunk, state) iteration parity), so each
@@ -66,6 +73,9 @@ __global__ void __launch_bounds__(kScanThreads)
                            ? p.initial_state[(static_cast<int64_t>(b) * dim + d) * N + n]
                            : 0.f;
   }
+  // Per-tensor scales, once per thread (a broadcast load per block).
+  const float dscale = scale_at(p.delta_scale, 0), Bscale = scale_at(p.B_scale, 0);
+  const float Cscale = scale_at(p.C_scale, 0), zscale = scale_at(p.z_scale, 0);
   float Dv[R], dbias[R], uscale[R];
   int64_t row_off[R];
 #pragma unroll
@@ -73,7 +83,7 @@ __global__ void __launch_bounds__(kScanThreads)
     const int d = min(d0 + r, dim - 1);  // rows past dim compute on zeros and are not stored
     Dv[r] = p.Dskip != nullptr ? p.Dskip[d] : 0.f;
     dbias[r] = p.delta_bias != nullptr ? p.delta_bias[d] : 0.f;
-    uscale[r] = p.u_scale != nullptr ? p.u_scale[d] : 1.f;
+    uscale[r] = scale_at(p.u_scale, d);
     row_off[r] = (static_cast<int64_t>(b) * dim + d) * L;
   }
   const Tin* u = static_cast<const Tin*>(p.u);
@@ -93,7 +103,7 @@ __global__ void __launch_bounds__(kScanThreads)
       float uu[kScanItems], dd[kScanItems];
       const bool row_ok = d0 + r < dim;
       load_run<Tin, kScanItems>(u + row_off[r] + tt, row_ok ? valid : 0, uscale[r], uu);
-      load_run<Tin, kScanItems>(delta + row_off[r] + tt, row_ok ? valid : 0, p.delta_scale, dd);
+      load_run<Tin, kScanItems>(delta + row_off[r] + tt, row_ok ? valid : 0, dscale, dd);
 #pragma unroll
       for (int i = 0; i < kScanItems; ++i) {
         float v = dd[i] + dbias[r];
@@ -109,8 +119,8 @@ __global__ void __launch_bounds__(kScanThreads)
     // B/C rows of state n are loaded one iteration ahead so that their latency overlaps the
     // previous state's scan.
     float Bn[kScanItems], Cn[kScanItems];
-    load_run<Tin, kScanItems>(Bm + tt, valid, p.B_scale, Bn);
-    load_run<Tin, kScanItems>(Cm + tt, valid, p.C_scale, Cn);
+    load_run<Tin, kScanItems>(Bm + tt, valid, Bscale, Bn);
+    load_run<Tin, kScanItems>(Cm + tt, valid, Cscale, Cn);
     for (int n = 0; n < N; ++n, ++it) {
       float Bv[kScanItems], Cv[kScanItems];
 #pragma unroll
@@ -119,8 +129,8 @@ __global__ void __launch_bounds__(kScanThreads)
         Cv[i] = Cn[i];
       }
       if (n + 1 < N) {
-        load_run<Tin, kScanItems>(Bm + static_cast<int64_t>(n + 1) * L + tt, valid, p.B_scale, Bn);
-        load_run<Tin, kScanItems>(Cm + static_cast<int64_t>(n + 1) * L + tt, valid, p.C_scale, Cn);
+        load_run<Tin, kScanItems>(Bm + static_cast<int64_t>(n + 1) * L + tt, valid, Bscale, Bn);
+        load_run<Tin, kScanItems>(Cm + static_cast<int64_t>(n + 1) * L + tt, valid, Cscale, Cn);
       }
       float a[R][kScanItems], h[R][kScanItems], Agg[R], Hagg[R];
 #pragma unroll
@@ -193,7 +203,7 @@ __global__ void __launch_bounds__(kScanThreads)
       if (d0 + r >= dim) continue;
       if (z != nullptr) {
         float zz[kScanItems];
-        load_run<Tin, kScanItems>(z + row_off[r] + tt, valid, p.z_scale, zz);
+        load_run<Tin, kScanItems>(z + row_off[r] + tt, valid, zscale, zz);
 #pragma unroll
         for (int i = 0; i < kScanItems; ++i) y[r][i] *= silu(zz[i]);
       }
@@ -261,12 +271,12 @@ __device__ __forceinline__ void seq_stage(float* Bs, float* Cs, bool with_c, con
 // dt (softplus'd, 0 on padding tokens so that they are identity steps) and u for one tile.
 template <typename Tin>
 __device__ __forceinline__ void seq_load_dt_u(const ScanArgs& p, int64_t row_off, int tok,
-                                              bool row_ok, float dbias, float uscale,
+                                              bool row_ok, float dbias, float uscale, float dscale,
                                               float (&dt)[kSeqTile], float (&uu)[kSeqTile]) {
   const int valid = row_ok ? p.seqlen - tok : 0;
   float dd[kSeqTile];
   load_run<Tin, kSeqTile>(static_cast<const Tin*>(p.u) + row_off + tok, valid, uscale, uu);
-  load_run<Tin, kSeqTile>(static_cast<const Tin*>(p.delta) + row_off + tok, valid, p.delta_scale, dd);
+  load_run<Tin, kSeqTile>(static_cast<const Tin*>(p.delta) + row_off + tok, valid, dscale, dd);
 #pragma unroll
   for (int i = 0; i < kSeqTile; ++i) {
     float v = dd[i] + dbias;
@@ -328,7 +338,9 @@ __global__ void __launch_bounds__(kSeqThreads)
     A2[n] = n < N ? p.A[static_cast<int64_t>(dc) * N + n] * kLog2e : 0.f;
   const float Dv = p.Dskip != nullptr ? p.Dskip[dc] : 0.f;
   const float dbias = p.delta_bias != nullptr ? p.delta_bias[dc] : 0.f;
-  const float uscale = p.u_scale != nullptr ? p.u_scale[dc] : 1.f;
+  const float uscale = scale_at(p.u_scale, dc);
+  const float dscale = scale_at(p.delta_scale, 0), Bscale = scale_at(p.B_scale, 0);
+  const float Cscale = scale_at(p.C_scale, 0), zscale = scale_at(p.z_scale, 0);
   const Tin* Bb = static_cast<const Tin*>(p.Bm) + static_cast<int64_t>(b) * N * L;
   const Tin* Cb = static_cast<const Tin*>(p.Cm) + static_cast<int64_t>(b) * N * L;
   float* Bs = sm;
@@ -349,8 +361,8 @@ __global__ void __launch_bounds__(kSeqThreads)
       const bool active = seg < segs - 1;
       float dt[kSeqTile], uu[kSeqTile], unused[kSeqTile];
       if (active)  // issued before the barrier so that these loads overlap the staging
-        seq_load_dt_u<Tin>(p, row_off, tok0 + tile * kSeqTile, row_ok, dbias, uscale, dt, uu);
-      seq_stage<Tin>(Bs, Cs, false, Bb, Cb, p.B_scale, p.C_scale, N, L, segs, seg_len,
+        seq_load_dt_u<Tin>(p, row_off, tok0 + tile * kSeqTile, row_ok, dbias, uscale, dscale, dt, uu);
+      seq_stage<Tin>(Bs, Cs, false, Bb, Cb, Bscale, Cscale, N, L, segs, seg_len,
                      tile * kSeqTile);
       __syncthreads();
       if (active) {
@@ -399,8 +411,8 @@ __global__ void __launch_bounds__(kSeqThreads)
   for (int tile = 0; tile < ntiles; ++tile) {
     const int tok = tok0 + tile * kSeqTile;
     float dt[kSeqTile], uu[kSeqTile], y[kSeqTile];
-    seq_load_dt_u<Tin>(p, row_off, tok, row_ok, dbias, uscale, dt, uu);
-    seq_stage<Tin>(Bs, Cs, true, Bb, Cb, p.B_scale, p.C_scale, N, L, segs, seg_len,
+    seq_load_dt_u<Tin>(p, row_off, tok, row_ok, dbias, uscale, dscale, dt, uu);
+    seq_stage<Tin>(Bs, Cs, true, Bb, Cb, Bscale, Cscale, N, L, segs, seg_len,
                    tile * kSeqTile);
     __syncthreads();
 #pragma unroll
@@ -410,7 +422,7 @@ __global__ void __launch_bounds__(kSeqThreads)
     if (valid > 0) {
       if (z != nullptr) {
         float zz[kSeqTile];
-        load_run<Tin, kSeqTile>(z + row_off + tok, valid, p.z_scale, zz);
+        load_run<Tin, kSeqTile>(z + row_off + tok, valid, zscale, zz);
 #pragma unroll
         for (int i = 0; i < kSeqTile; ++i) y[i] *= silu(zz[i]);
       }
@@ -536,8 +548,8 @@ struct StateUpdateArgs {
   const void* z;
   const float* dt_bias;
   int dt_softplus;
-  const float* x_scale;
-  float dt_scale, B_scale, C_scale, z_scale;
+  const float* x_scale;  // int8 scales as in ScanArgs (NULL for float io)
+  const float *dt_scale, *B_scale, *C_scale, *z_scale;
   void* y;
   float* state_out;
   int batch, dim, dstate;
@@ -557,23 +569,26 @@ __global__ void __launch_bounds__(kDecodeThreads)
   const int64_t rr = active ? row : 0;
   const int b = static_cast<int>(rr / p.dim), d = static_cast<int>(rr % p.dim);
   const int N = p.dstate;
-  const float xv = load1(static_cast<const Tin*>(p.x) + rr, p.x_scale ? p.x_scale[d] : 1.f);
-  float dtv = load1(static_cast<const Tin*>(p.dt) + rr, p.dt_scale) + (p.dt_bias ? p.dt_bias[d] : 0.f);
+  const float xv = load1(static_cast<const Tin*>(p.x) + rr, scale_at(p.x_scale, d));
+  float dtv = load1(static_cast<const Tin*>(p.dt) + rr, scale_at(p.dt_scale, 0)) +
+              (p.dt_bias ? p.dt_bias[d] : 0.f);
   if (p.dt_softplus) dtv = softplus(dtv);
   const float acc = update_state_row<Tin>(
       p.state_in + rr * N, p.state_out + rr * N, p.A + static_cast<int64_t>(d) * N, 1,
       static_cast<const Tin*>(p.Bm) + static_cast<int64_t>(b) * N,
-      static_cast<const Tin*>(p.Cm) + static_cast<int64_t>(b) * N, p.B_scale, p.C_scale, dtv,
+      static_cast<const Tin*>(p.Cm) + static_cast<int64_t>(b) * N, scale_at(p.B_scale, 0),
+      scale_at(p.C_scale, 0), dtv,
       dtv * xv, N, sub, lanes, active);
   if (active && sub == 0) {
     float out = acc + (p.Dskip ? p.Dskip[d] : 0.f) * xv;
-    if (p.z != nullptr) out *= silu(load1(static_cast<const Tin*>(p.z) + rr, p.z_scale));
+    if (p.z != nullptr) out *= silu(load1(static_cast<const Tin*>(p.z) + rr, scale_at(p.z_scale, 0)));
     static_cast<Tout*>(p.y)[rr] = from_float<Tout>(out);
   }
 }
 
 bool scan_scales_ok(essm_dtype in, const essm_scan_scales* s) {
-  return in != ESSM_I8 || (s != nullptr && s->u_scale != nullptr);
+  return in != ESSM_I8 || (s != nullptr && s->u_scale != nullptr && s->delta_scale != nullptr &&
+                           s->B_scale != nullptr && s->C_scale != nullptr && s->z_scale != nullptr);
 }
 
 }  // namespace
@@ -610,10 +625,10 @@ extern "C" cudaError_t essm_selective_scan_fwd(
                    delta_bias,
                    delta_softplus,
                    q ? scales->u_scale : nullptr,
-                   q ? scales->delta_scale : 1.f,
-                   q ? scales->B_scale : 1.f,
-                   q ? scales->C_scale : 1.f,
-                   q ? scales->z_scale : 1.f,
+                   q ? scales->delta_scale : nullptr,
+                   q ? scales->B_scale : nullptr,
+                   q ? scales->C_scale : nullptr,
+                   q ? scales->z_scale : nullptr,
                    initial_state,
                    y,
                    final_state,
@@ -648,10 +663,10 @@ extern "C" cudaError_t essm_selective_state_update(
                           dt_bias,
                           dt_softplus,
                           q ? scales->u_scale : nullptr,
-                          q ? scales->delta_scale : 1.f,
-                          q ? scales->B_scale : 1.f,
-                          q ? scales->C_scale : 1.f,
-                          q ? scales->z_scale : 1.f,
+                          q ? scales->delta_scale : nullptr,
+                          q ? scales->B_scale : nullptr,
+                          q ? scales->C_scale : nullptr,
+                          q ? scales->z_scale : nullptr,
                           y,
                           state_out,
                           batch,

@@ -18,33 +18,12 @@ int i32(int64_t v) { return static_cast<int>(v); }
 bool isQuant(LaunchArgs const& a) { return a.spec.out_dtype_attr >= 0; }
 essm_dtype inDtype(LaunchArgs const& a) { return isQuant(a) ? ESSM_I8 : a.io; }
 
-// essm_scan_scales takes its per-tensor scales as host floats while TensorRT holds them as
-// device tensors: copy them to pinned host memory and wait. This blocks the stream, so it is
-// refused under CUDA-graph capture (where a synchronize would be illegal) with a clear error.
-cudaError_t readHostScalars(LaunchArgs const& a, int first, int count) {
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  cudaError_t err = cudaStreamIsCapturing(a.stream, &capture);
-  if (err != cudaSuccess) return err;
-  if (capture != cudaStreamCaptureStatusNone) {
-    logError(std::string(a.spec.name) +
-             ": per-tensor scales are read on the host (kernels.h essm_scan_scales), which cannot be "
-             "captured into a CUDA graph; run without CUDA graphs");
-    return cudaErrorStreamCaptureUnsupported;
-  }
-  for (int i = 0; i < count; ++i) {
-    err = cudaMemcpyAsync(a.host_scalars + i, a.in[first + i], sizeof(float), cudaMemcpyDeviceToHost, a.stream);
-    if (err != cudaSuccess) return err;
-  }
-  return cudaStreamSynchronize(a.stream);
-}
-
-// Scales of a Quant(SelectiveScan|SelectiveStateUpdate): per-channel [D] then four scalars.
-cudaError_t scanScales(LaunchArgs const& a, int first, essm_scan_scales& s) {
-  cudaError_t err = readHostScalars(a, first + 1, 4);
-  if (err != cudaSuccess) return err;
-  s = essm_scan_scales{f32(a.in[first]), a.host_scalars[0], a.host_scalars[1], a.host_scalars[2],
-                       a.host_scalars[3]};
-  return cudaSuccess;
+// Scales of a Quant(SelectiveScan|SelectiveStateUpdate), inputs first..first+4: the per-channel
+// [D] scale, then delta/B/C/z [1]. All stay device tensors: the kernels read them, so enqueue never
+// waits on the host and can be captured into a CUDA graph.
+essm_scan_scales scanScales(LaunchArgs const& a, int first) {
+  return essm_scan_scales{f32(a.in[first]), f32(a.in[first + 1]), f32(a.in[first + 2]), f32(a.in[first + 3]),
+                          f32(a.in[first + 4])};
 }
 
 cudaError_t launchConv(LaunchArgs const& a) {
@@ -61,11 +40,7 @@ cudaError_t launchConvUpdate(LaunchArgs const& a) {
 
 // inputs: u delta A Bm Cm Dskip z delta_bias [u_scale delta_scale B_scale C_scale z_scale]
 cudaError_t launchSelectiveScan(LaunchArgs const& a) {
-  essm_scan_scales scales{};
-  if (isQuant(a)) {
-    cudaError_t err = scanScales(a, 8, scales);
-    if (err != cudaSuccess) return err;
-  }
+  essm_scan_scales const scales = isQuant(a) ? scanScales(a, 8) : essm_scan_scales{};
   Symbols const& s = a.sym;
   return essm_selective_scan_fwd(inDtype(a), a.io, a.in[0], a.in[1], f32(a.in[2]), a.in[3], a.in[4], f32(a.in[5]),
                                  a.in[6], f32(a.in[7]), a.attrs.i(0), isQuant(a) ? &scales : nullptr, nullptr,
@@ -75,11 +50,7 @@ cudaError_t launchSelectiveScan(LaunchArgs const& a) {
 
 // inputs: state x dt A Bm Cm Dskip z dt_bias [x_scale dt_scale B_scale C_scale z_scale]
 cudaError_t launchSelectiveStateUpdate(LaunchArgs const& a) {
-  essm_scan_scales scales{};
-  if (isQuant(a)) {
-    cudaError_t err = scanScales(a, 9, scales);
-    if (err != cudaSuccess) return err;
-  }
+  essm_scan_scales const scales = isQuant(a) ? scanScales(a, 9) : essm_scan_scales{};
   Symbols const& s = a.sym;
   return essm_selective_state_update(inDtype(a), a.io, f32(a.in[0]), a.in[1], a.in[2], f32(a.in[3]), a.in[4],
                                      a.in[5], f32(a.in[6]), a.in[7], f32(a.in[8]), a.attrs.i(0),
@@ -174,35 +145,35 @@ std::vector<OpSpec> buildSpecs() {
   OpSpec conv{"CausalConv1d",
               {{"x", IO, "BCL"}, {"weight", F32, "CK"}, {"bias", F32, "C"}},
               {{"y", IO, "BCL"}, {"conv_state", IO, "BCk"}},
-              {kSilu}, -1, noCheck, launchConv, false};
+              {kSilu}, -1, noCheck, launchConv};
   OpSpec conv_update{"CausalConv1dUpdate",
                      {{"x", IO, "BC"}, {"conv_state", IO, "BCk"}, {"weight", F32, "CK"}, {"bias", F32, "C"}},
                      {{"y", IO, "BC"}, {"new_conv_state", IO, "BCk"}},
-                     {kSilu}, -1, noCheck, launchConvUpdate, false};
+                     {kSilu}, -1, noCheck, launchConvUpdate};
   OpSpec scan{"SelectiveScan",
               {{"u", IO, "BDL"}, {"delta", IO, "BDL"}, {"A", F32, "DN"}, {"Bm", IO, "BNL"}, {"Cm", IO, "BNL"},
                {"Dskip", F32, "D"}, {"z", IO, "BDL"}, {"delta_bias", F32, "D"}},
               {{"y", IO, "BDL"}, {"final_state", F32, "BDN"}},
-              {kDeltaSoftplus}, -1, noCheck, launchSelectiveScan, false};
+              {kDeltaSoftplus}, -1, noCheck, launchSelectiveScan};
   OpSpec scan_update{"SelectiveStateUpdate",
                      {{"state", F32, "BDN"}, {"x", IO, "BD"}, {"dt", IO, "BD"}, {"A", F32, "DN"}, {"Bm", IO, "BN"},
                       {"Cm", IO, "BN"}, {"Dskip", F32, "D"}, {"z", IO, "BD"}, {"dt_bias", F32, "D"}},
                      {{"y", IO, "BD"}, {"new_state", F32, "BDN"}},
-                     {kDtSoftplus}, -1, noCheck, launchSelectiveStateUpdate, false};
+                     {kDtSoftplus}, -1, noCheck, launchSelectiveStateUpdate};
   OpSpec ssd{"SSDScan",
              {{"x", IO, "BLHP"}, {"dt", IO, "BLH"}, {"A", F32, "H"}, {"Bm", IO, "BLGN"}, {"Cm", IO, "BLGN"},
               {"Dskip", F32, "H"}, {"dt_bias", F32, "H"}},
              {{"y", IO, "BLHP"}, {"final_state", F32, "BHPN"}},
-             {kDtSoftplus, kDtMin, kDtMax, kChunk}, -1, checkSSD, launchSSDScan, false};
+             {kDtSoftplus, kDtMin, kDtMax, kChunk}, -1, checkSSD, launchSSDScan};
   OpSpec ssd_update{"SSDStateUpdate",
                     {{"state", F32, "BHPN"}, {"x", IO, "BHP"}, {"dt", IO, "BH"}, {"A", F32, "H"}, {"Bm", IO, "BGN"},
                      {"Cm", IO, "BGN"}, {"Dskip", F32, "H"}, {"dt_bias", F32, "H"}},
                     {{"y", IO, "BHP"}, {"new_state", F32, "BHPN"}},
-                    {kDtSoftplus, kDtMin, kDtMax}, -1, checkSSD, launchSSDStateUpdate, false};
+                    {kDtSoftplus, kDtMin, kDtMax}, -1, checkSSD, launchSSDStateUpdate};
   OpSpec hadamard{"HadamardTransform",
                   {{"x", IO, "*N"}, {"had_m", F32, "MM"}},
                   {{"y", IO, "*N"}},
-                  {kScale}, -1, checkHadamard, launchHadamard, false};
+                  {kScale}, -1, checkHadamard, launchHadamard};
   OpSpec hadamard_q = hadamard;
   hadamard_q.name = "HadamardQuantize";
   hadamard_q.outputs = {{"y", I8, "*N"}};
@@ -212,11 +183,9 @@ std::vector<OpSpec> buildSpecs() {
                                                  {"C_scale", F32, "1"}, {"z_scale", F32, "1"}};
   OpSpec qscan = quantTwin(scan, "QuantSelectiveScan", {"u", "delta", "Bm", "Cm", "z"},
                            concat({{"u_scale", F32, "D"}}, scan_scales_d));
-  qscan.needs_host_scalars = true;
   OpSpec qscan_update = quantTwin(scan_update, "QuantSelectiveStateUpdate", {"x", "dt", "Bm", "Cm", "z"},
                                   concat({{"x_scale", F32, "D"}}, {{"dt_scale", F32, "1"}, {"B_scale", F32, "1"},
                                                                    {"C_scale", F32, "1"}, {"z_scale", F32, "1"}}));
-  qscan_update.needs_host_scalars = true;
   std::vector<TensorSpec> const ssd_scales = {{"x_scale", F32, "c"}, {"B_scale", F32, "G"}, {"C_scale", F32, "G"}};
   OpSpec qssd = quantTwin(ssd, "QuantSSDScan", {"x", "Bm", "Cm"}, ssd_scales);
   OpSpec qssd_update = quantTwin(ssd_update, "QuantSSDStateUpdate", {"x", "Bm", "Cm"}, ssd_scales);

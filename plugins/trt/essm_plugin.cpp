@@ -164,10 +164,6 @@ Plugin::Plugin(Plugin const& other)
       attrs_(other.attrs_),
       description_(other.description_) {}
 
-Plugin::~Plugin() {
-  if (host_scalars_) cudaFreeHost(host_scalars_);
-}
-
 nvinfer1::IPluginCapability* Plugin::getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept {
   switch (type) {
     case nvinfer1::PluginCapabilityType::kCORE: return static_cast<nvinfer1::IPluginV3OneCore*>(this);
@@ -337,15 +333,7 @@ int32_t Plugin::enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1::P
     }
     DataType io{};
     if (!fixedIo(io)) io = firstIoType(inputDesc, outputDesc);
-    if (spec_.needs_host_scalars && !host_scalars_) {
-      cudaError_t const e = cudaMallocHost(reinterpret_cast<void**>(&host_scalars_), kHostScalars * sizeof(float));
-      if (e != cudaSuccess) {
-        host_scalars_ = nullptr;
-        logError(std::string(spec_.name) + ": cudaMallocHost failed: " + cudaGetErrorString(e));
-        return 1;
-      }
-    }
-    LaunchArgs const args{spec_, toEssm(io), inputs, outputs, sym, attrs_, host_scalars_, stream};
+    LaunchArgs const args{spec_, toEssm(io), inputs, outputs, sym, attrs_, stream};
     cudaError_t const e = spec_.launch(args);
     if (e == cudaSuccess) return 0;
     logError(std::string(spec_.name) + " (" + name_ + "): kernel launch failed: " + cudaGetErrorName(e) + " (" +

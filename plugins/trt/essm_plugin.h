@@ -67,11 +67,8 @@ struct LaunchArgs {
   void* const* out;
   Symbols const& sym;
   AttrValues const& attrs;
-  float* host_scalars;  // pinned host buffer of kHostScalars floats (see SelectiveScan launchers)
   cudaStream_t stream;
 };
-
-constexpr int kHostScalars = 4;
 
 struct OpSpec {
   char const* name;
@@ -82,7 +79,6 @@ struct OpSpec {
   // Size constraints beyond shape agreement, checked once all symbols are known; "" = fine.
   std::string (*check)(Symbols const&, AttrValues const&);
   cudaError_t (*launch)(LaunchArgs const&);
-  bool needs_host_scalars;  // launcher reads float32 scalar inputs on the host
 };
 
 // The op table (essm_ops.cpp), in docs/onnx_ops.md order.
@@ -102,7 +98,6 @@ class Plugin final : public nvinfer1::IPluginV3,
  public:
   Plugin(OpSpec const& spec, std::string name, AttrValues attrs);
   Plugin(Plugin const& other);
-  ~Plugin() override;
   Plugin& operator=(Plugin const&) = delete;
 
   // IPluginV3
@@ -159,7 +154,6 @@ class Plugin final : public nvinfer1::IPluginV3,
   std::array<float, kMaxAttrs> ser_float_{};
   std::vector<nvinfer1::PluginField> ser_fields_;
   nvinfer1::PluginFieldCollection ser_fc_{};
-  float* host_scalars_ = nullptr;  // pinned, allocated on first use by ops that need it
 };
 
 class Creator final : public nvinfer1::IPluginCreatorV3One {

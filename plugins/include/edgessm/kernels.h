@@ -37,13 +37,16 @@ cudaError_t essm_causal_conv1d_update(essm_dtype io, const void* x, const void* 
                                       cudaStream_t stream);
 
 // ---- Mamba-1 selective scan (channel-first) ------------------------------------------------
-// Dequantization scales for int8 inputs; all NULL / ignored for float io.
+// Dequantization scales for int8 inputs, all device pointers (the kernels read them, so a launch
+// never waits on the host and can be captured into a CUDA graph). Every pointer must be non-NULL
+// for int8 input (cudaErrorInvalidValue otherwise, z_scale included even when z is NULL); the
+// struct is ignored for float io and may then be NULL.
 typedef struct essm_scan_scales {
-  const float* u_scale;  // [dim] per channel (device pointer)
-  float delta_scale;
-  float B_scale;
-  float C_scale;
-  float z_scale;
+  const float* u_scale;      // [dim] per channel
+  const float* delta_scale;  // [1]
+  const float* B_scale;      // [1]
+  const float* C_scale;      // [1]
+  const float* z_scale;      // [1]
 } essm_scan_scales;
 
 // in_dtype: dtype of u, delta, Bm, Cm, z (F32, F16, BF16, or I8 with `scales`);
