@@ -55,3 +55,25 @@ def test_eval_rejects_text_shorter_than_a_window(hf_checkpoint, tmp_path) -> Non
     (tmp_path / "short.txt").write_text("tiny")
     r = CliRunner().invoke(main, ["eval", str(path), "--data", str(tmp_path / "short.txt")])
     assert r.exit_code == 1 and "fewer than one window of 256" in r.output and "Traceback" not in r.output
+
+
+def test_eval_and_bench_on_onnx_runtime_match_torch(hf_checkpoint, tmp_path) -> None:
+    """The same commands on an ONNX export (ORT backend, picked automatically) give torch's perplexity."""
+    from edgessm.export import export_onnx
+
+    _, path = hf_checkpoint("mamba2", vocab_size=256, **ALL_CONFIGS["m2-g1-h16"][1])
+    onnx_dir = tmp_path / "onnx"
+    export_onnx(path, onnx_dir, scan="portable")
+    data = tmp_path / "heldout.txt"
+    data.write_text(TEXT)
+    results = {}
+    for name, target in (("torch", path), ("ort", onnx_dir)):
+        out = tmp_path / f"{name}.json"
+        r = CliRunner().invoke(main, ["eval", str(target), "--data", str(data), "--window", "32", "--json", str(out)])
+        assert r.exit_code == 0, r.output
+        results[name] = json.loads(out.read_text())
+    assert results["ort"]["backend"] == "ort"
+    assert abs(results["ort"]["nll"] - results["torch"]["nll"]) < 1e-5
+    r = CliRunner().invoke(main, ["bench", str(onnx_dir), "--prompt-len", "8", "--new-tokens", "3"])
+    assert r.exit_code == 0, r.output
+    assert " ort " in r.output or "ort" in r.output.splitlines()[2]
