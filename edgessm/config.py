@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from edgessm.errors import ConfigError
+from edgessm.io import read_json_object
 
 Arch = Literal["mamba1", "mamba2"]
 
@@ -257,14 +258,7 @@ def load_config(path: str | Path) -> MambaConfig:
     """Read config.json from a checkpoint directory (either layout)."""
     path = Path(path)
     file = path / "config.json" if path.is_dir() else path
-    if not file.is_file():
-        raise ConfigError(f"{file}: config.json not found")
-    try:
-        cfg = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{file}: not valid JSON ({e})") from e
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{file}: expected a JSON object")
+    cfg = read_json_object(file, "a model directory needs the config.json of its checkpoint")
     if "model_type" in cfg:
         return config_from_hf(cfg, file)
     if "d_model" in cfg:

@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from edgessm.errors import CheckpointError
+from edgessm.errors import CheckpointError, ConfigError
 
 
 def _umask() -> int:
@@ -108,4 +108,22 @@ def load_torch_weights(file: Path) -> dict[str, torch.Tensor]:
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{file}: expected a flat dict of tensors (a state dict)")
+    return obj
+
+
+def read_json_object(file: Path, missing: str, expected_format: str | None = None) -> dict[str, Any]:
+    """A JSON object from ``file``; ``missing`` says what the file's absence means to the user.
+
+    With ``expected_format`` the object's ``"format"`` field must equal it (our own artifacts).
+    """
+    if not file.is_file():
+        raise ConfigError(f"{file}: not found ({missing})")
+    try:
+        obj = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{file}: not valid JSON ({e})") from e
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{file}: expected a JSON object")
+    if expected_format is not None and obj.get("format") != expected_format:
+        raise ConfigError(f"{file}: format {obj.get('format')!r}, this edgessm reads {expected_format!r}")
     return obj

@@ -204,7 +204,7 @@ def test_output_dir_guard(tmp_path: Path) -> None:
 
 
 def test_read_metadata(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="engine.json not found"):
+    with pytest.raises(ConfigError, match=r"engine.json: not found \(not an `edgessm build` engine directory\)"):
         trt_rt.read_metadata(tmp_path)
     (tmp_path / "engine.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):

@@ -25,7 +25,7 @@ from edgessm.errors import ConfigError
 from edgessm.export.builder import DOMAIN
 from edgessm.export.graph import BATCH, IR_VERSION, SEQ, GraphOptions, build_graph, state_dims, state_names
 from edgessm.export.schemas import register_schemas
-from edgessm.io import atomic_directory, atomic_write_bytes, atomic_write_json, atomic_write_text
+from edgessm.io import atomic_directory, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json_object
 from edgessm.models import MambaLM, load_model
 
 log = logging.getLogger(__name__)
@@ -233,16 +233,7 @@ def export_onnx(model_or_dir: MambaLM | str | Path, out_dir: str | Path, scan: s
 
 
 def read_manifest(onnx_dir: str | Path) -> dict[str, Any]:
-    file = Path(onnx_dir) / MANIFEST
-    if not file.is_file():
-        raise ConfigError(f"{onnx_dir}: no {MANIFEST} (not a directory written by `edgessm export`)")
-    try:
-        manifest = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{file}: not valid JSON ({e})") from e
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise ConfigError(f"{file}: manifest format {manifest.get('format')!r}, this edgessm reads {MANIFEST_FORMAT}")
-    return manifest
+    return read_json_object(Path(onnx_dir) / MANIFEST, "not a directory written by `edgessm export`", MANIFEST_FORMAT)
 
 
 __all__ = ["ExportOptions", "ExportResult", "export_onnx", "model_hash", "read_manifest"]

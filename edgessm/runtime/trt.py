@@ -12,7 +12,6 @@ Without the ``tensorrt`` Python package every entry point raises
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import torch
 
 from edgessm.config import MambaConfig, load_config
 from edgessm.errors import BackendUnavailable, ConfigError, EdgessmError
+from edgessm.io import read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -131,16 +131,7 @@ def _creator(registry: Any, name: str) -> Any:
 
 
 def read_metadata(engine_dir: Path) -> dict[str, Any]:
-    file = engine_dir / METADATA_FILE
-    if not file.is_file():
-        raise ConfigError(f"{engine_dir}: {METADATA_FILE} not found (not an `edgessm build` engine directory)")
-    try:
-        meta = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{file}: not valid JSON ({e})") from e
-    if not isinstance(meta, dict) or meta.get("format") != "edgessm-trt/1":
-        raise ConfigError(f"{file}: expected format 'edgessm-trt/1', got {meta.get('format')!r}")
-    return meta
+    return read_json_object(engine_dir / METADATA_FILE, "not an `edgessm build` engine directory", "edgessm-trt/1")
 
 
 # ---- engines -------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from check_kernels import write_json_atomic  # noqa: E402
-from essm_lib import ESSM_F16, ESSM_I8, KernelLib, ScanScales, SsdScales, ptr  # noqa: E402
+from essm_lib import ESSM_F16, ESSM_I8, KernelLib, ScanScales, SsdScales, ptr, scan_scales  # noqa: E402
 
 log = logging.getLogger("bench_kernels")
 L2_ROTATE_BYTES = 200 * 2**20  # working set spanned by the rotated input copies (> 3x H100 L2)
@@ -70,6 +70,15 @@ def copies_for(bytes_per_set: int) -> int:
 
 def esize(dtype: int) -> int:
     return 1 if dtype == ESSM_I8 else 2
+
+
+def int8_scan_scales(dim: int, in_dt: int) -> tuple[ScanScales | None, torch.Tensor | None]:
+    """essm_scan_scales for int8 input (all 0.02, on the device) and the tensor behind them, which the
+    caller keeps alive while launching; (None, None) for float input."""
+    if in_dt != ESSM_I8:
+        return None, None
+    values = torch.full((dim + 4,), 0.02, device="cuda")  # u_scale [dim], then delta, B, C, z
+    return scan_scales(values[:dim], values[dim:]), values
 
 
 class Bench:
@@ -120,14 +129,13 @@ class Bench:
         dname = "i8->f16" if in_dt == ESSM_I8 else "f16"
         e_in = esize(in_dt)
         nbytes = (e_in * (3 * b * d * seqlen + 2 * b * n * seqlen) + 2 * b * d * seqlen
-                  + 4 * (d * n + 2 * d) + 4 * b * d * n + (4 * d if in_dt == ESSM_I8 else 0))
+                  + 4 * (d * n + 2 * d) + 4 * b * d * n + (4 * (d + 4) if in_dt == ESSM_I8 else 0))
         sets = [self.scan_inputs(b, d, n, seqlen, in_dt) for _ in range(copies_for(nbytes))]
         A = -torch.exp(torch.rand(d, n, device="cuda", generator=self.gen) * 3.0)
         Dk = torch.randn(d, device="cuda", generator=self.gen)
         db = torch.rand(d, device="cuda", generator=self.gen) * -2.0 - 1.0
         hT = torch.empty(b, d, n, device="cuda")
-        u_scale = torch.full((d,), 0.02, device="cuda")
-        scales = ScanScales(ptr(u_scale), 0.02, 0.02, 0.02, 0.02) if in_dt == ESSM_I8 else None
+        scales, _keep = int8_scan_scales(d, in_dt)
 
         def run(i: int) -> None:
             s = sets[i % len(sets)]
@@ -158,7 +166,7 @@ class Bench:
         dname = "i8->f16" if in_dt == ESSM_I8 else "f16"
         e_in = esize(in_dt)
         per_layer = (8 * b * d * n + 4 * d * n + e_in * (3 * b * d + 2 * b * n) + 2 * b * d + 8 * d
-                     + (4 * d if in_dt == ESSM_I8 else 0))
+                     + (4 * (d + 4) if in_dt == ESSM_I8 else 0))
         mk = self.randint8 if in_dt == ESSM_I8 else self.randn
         L = [dict(state=torch.randn(b, d, n, device="cuda", generator=self.gen),
                   A=-torch.exp(torch.rand(d, n, device="cuda", generator=self.gen) * 3.0),
@@ -166,8 +174,7 @@ class Bench:
                   D=torch.randn(d, device="cuda", generator=self.gen),
                   db=torch.rand(d, device="cuda", generator=self.gen) * -2.0 - 1.0,
                   y=torch.empty(b, d, dtype=torch.float16, device="cuda")) for _ in range(layers)]
-        u_scale = torch.full((d,), 0.02, device="cuda")
-        scales = ScanScales(ptr(u_scale), 0.02, 0.02, 0.02, 0.02) if in_dt == ESSM_I8 else None
+        scales, _keep = int8_scan_scales(d, in_dt)
 
         def step_all() -> None:
             for t in L:

@@ -38,6 +38,7 @@ from essm_lib import (  # noqa: E402
     ScanScales,
     SsdScales,
     ptr,
+    scan_scales,
 )
 
 log = logging.getLogger("check_kernels")
@@ -153,17 +154,18 @@ class Checker:
         """u, delta, B, C, z on the device (+ float64 values) and the int8 scales if quantized."""
         if in_dt == ESSM_I8:
             u_scale, us64 = self.f32(self.rng.uniform(0.005, 0.03, dim))
-            dscale, bscale, cscale, zscale = 2.0 / 127, 3.0 / 127, 3.0 / 127, 3.0 / 127
+            # delta, B, C, z scales: device scalars the kernels read (fresh values every case)
+            tensor_scales, ts64 = self.f32(self.rng.uniform(1.5, 3.5, 4) / 127)
+            dscale, bscale, cscale, zscale = ts64
             (u, uq), (d, dq), (bm, bq), (cm, cq), (z, zq) = (self.int8(s) for s in
                                                              (shape_x, shape_x, shape_bc, shape_bc, shape_x))
-            f = np.float32
             chan = us64.reshape((1, dim) + (1,) * (len(shape_x) - 2))
-            vals = dict(u=uq * chan, delta=dq * f(dscale), B=bq * f(bscale), C=cq * f(cscale), z=zq * f(zscale))
+            vals = dict(u=uq * chan, delta=dq * dscale, B=bq * bscale, C=cq * cscale, z=zq * zscale)
             if not softplus:
                 vals["delta"] = np.abs(vals["delta"])
                 d = d.abs()
-            scales = ScanScales(ptr(u_scale), dscale, bscale, cscale, zscale)
-            return dict(dev=dict(u=u, delta=d, B=bm, C=cm, z=z), vals=vals, scales=scales, keep=u_scale)
+            return dict(dev=dict(u=u, delta=d, B=bm, C=cm, z=z), vals=vals,
+                        scales=scan_scales(u_scale, tensor_scales), keep=(u_scale, tensor_scales))
         u, u64 = self.normal(shape_x, in_dt)
         dnp = self.rng.normal(0, 1, shape_x).astype(np.float32)
         d, d64 = self.dev(dnp if softplus else np.abs(dnp) * 0.2, in_dt)
@@ -331,6 +333,15 @@ class Checker:
         self.expect_rejected("selective_scan_fwd", "int8 without scales", lib.status(
             "essm_selective_scan_fwd", ESSM_I8, ESSM_F16, p, p, p, p, p, None, None, None, 1, None, None, p, None,
             1, 1, 16, 8))
+        for missing in ("delta_scale", "B_scale", "C_scale", "z_scale"):
+            partial = ScanScales(p, p, p, p, p)
+            setattr(partial, missing, None)
+            self.expect_rejected("selective_scan_fwd", f"int8 with NULL {missing}", lib.status(
+                "essm_selective_scan_fwd", ESSM_I8, ESSM_F16, p, p, p, p, p, None, None, None, 1, partial, None, p,
+                None, 1, 1, 16, 8))
+            self.expect_rejected("selective_state_update", f"int8 with NULL {missing}", lib.status(
+                "essm_selective_state_update", ESSM_I8, ESSM_F16, p, p, p, p, p, p, None, None, None, 1, partial, p,
+                p, 1, 1, 16))
         self.expect_rejected("causal_conv1d_fwd", "width=9", lib.status(
             "essm_causal_conv1d_fwd", ESSM_F32, p, p, None, 1, p, None, 1, 1, 8, 9))
         torch.cuda.synchronize()

@@ -45,13 +45,30 @@ class KernelError(RuntimeError):
 
 
 class ScanScales(ctypes.Structure):
+    """essm_scan_scales: device addresses of u_scale [dim] and delta/B/C/z_scale [1] (float32)."""
+
     _fields_ = [
         ("u_scale", ctypes.c_void_p),
-        ("delta_scale", ctypes.c_float),
-        ("B_scale", ctypes.c_float),
-        ("C_scale", ctypes.c_float),
-        ("z_scale", ctypes.c_float),
+        ("delta_scale", ctypes.c_void_p),
+        ("B_scale", ctypes.c_void_p),
+        ("C_scale", ctypes.c_void_p),
+        ("z_scale", ctypes.c_void_p),
     ]
+
+
+def scan_scales(u_scale: torch.Tensor, tensor_scales: torch.Tensor) -> ScanScales:
+    """essm_scan_scales pointing at u_scale [dim] and tensor_scales [4] = delta, B, C, z scales.
+
+    Both must be contiguous float32 CUDA tensors that the caller keeps alive while the struct is used.
+    """
+    for name, t in (("u_scale", u_scale), ("tensor_scales", tensor_scales)):
+        if t.dtype != torch.float32 or not t.is_cuda:
+            raise ValueError(f"{name} must be a float32 CUDA tensor, got {t.dtype} on {t.device}")
+    if tuple(tensor_scales.shape) != (4,):
+        raise ValueError(f"tensor_scales must have shape (4,) (delta, B, C, z), got {tuple(tensor_scales.shape)}")
+    base = ptr(tensor_scales)
+    item = tensor_scales.element_size()
+    return ScanScales(ptr(u_scale), *(base + i * item for i in range(4)))
 
 
 class SsdScales(ctypes.Structure):

@@ -6,8 +6,9 @@
 // queries the capability interfaces, output count/dtypes/shapes (through a constant-only
 // IExprBuilder), supportsFormatCombination (accepted and rejected combinations),
 // configurePlugin (a valid and a mismatched shape), the workspace size, clone, the serialized
-// fields -> createPlugin(kRUNTIME), attachToContext and onShapeChange, then enqueues on device
-// buffers with fresh random inputs and NaN-poisoned outputs and compares with a float64 CPU
+// fields -> createPlugin(kRUNTIME), attachToContext and onShapeChange, then enqueues (captured
+// into a CUDA graph, then launched) on device buffers with fresh random inputs and NaN-poisoned
+// outputs and compares with a float64 CPU
 // reference of the op written here from docs/onnx_ops.md. Exits 1 on any mismatch.
 //
 // usage: edgessm_plugin_harness [--lib path/libedgessm_plugins.so] [--seed N] [--op Name] [--no-enqueue]
@@ -774,13 +775,31 @@ void checkEnqueue(Case const& c, nvinfer1::IPluginV3OneRuntime* rt, bool enqueue
   std::vector<void*> out_ptrs;
   for (Tensor const& t : c.in) in_ptrs.push_back(buf.alloc(t.encode()));
   for (Tensor const& t : c.out) out_ptrs.push_back(buf.alloc(poison(t, t.val)));
+  // enqueue is captured into a CUDA graph that is then launched, as TensorRT does when the
+  // application captures enqueueV3: a plugin that synchronizes or reads device memory on the host
+  // breaks the capture and fails here.
   cudaStream_t stream = nullptr;
-  CUDA_CHECK(cudaStreamCreate(&stream));
+  CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
   int32_t const rc = rt->enqueue(din.data(), dout.data(), in_ptrs.data(), out_ptrs.data(), nullptr, stream);
-  cudaError_t const sync = cudaStreamSynchronize(stream);
+  cudaGraph_t graph = nullptr;
+  cudaError_t const captured = cudaStreamEndCapture(stream, &graph);
+  cudaError_t ran = captured;
+  if (captured == cudaSuccess && rc == 0) {
+    cudaGraphExec_t exec = nullptr;
+    ran = cudaGraphInstantiate(&exec, graph, 0);
+    if (ran == cudaSuccess) ran = cudaGraphLaunch(exec, stream);
+    if (ran == cudaSuccess) ran = cudaStreamSynchronize(stream);
+    if (exec != nullptr) CUDA_CHECK(cudaGraphExecDestroy(exec));
+  }
+  if (graph != nullptr) CUDA_CHECK(cudaGraphDestroy(graph));
   CUDA_CHECK(cudaStreamDestroy(stream));
-  if (rc != 0) f.add(c.op + ": enqueue returned " + std::to_string(rc));
-  if (sync != cudaSuccess) throw std::runtime_error(c.op + ": kernel failed: " + cudaGetErrorString(sync));
+  if (rc != 0) f.add(c.op + ": enqueue under CUDA-graph capture returned " + std::to_string(rc));
+  if (captured != cudaSuccess) {
+    f.add(c.op + ": enqueue broke the CUDA-graph capture: " + cudaGetErrorString(captured));
+    return;
+  }
+  if (ran != cudaSuccess) throw std::runtime_error(c.op + ": graph launch failed: " + cudaGetErrorString(ran));
   if (rc != 0) return;
 
   for (int32_t o = 0; o < nout; ++o) {
