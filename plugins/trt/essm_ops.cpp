@@ -60,7 +60,9 @@ cudaError_t launchSelectiveStateUpdate(LaunchArgs const& a) {
 
 // inputs: x dt A Bm Cm Dskip dt_bias [x_scale B_scale C_scale]
 cudaError_t launchSSDScan(LaunchArgs const& a) {
-  essm_ssd_scales scales{f32(a.in[7]), f32(a.in[8]), f32(a.in[9])};
+  // scale inputs exist only for the Quant* op: read them only then (float ops have 7 inputs)
+  essm_ssd_scales const scales =
+      isQuant(a) ? essm_ssd_scales{f32(a.in[7]), f32(a.in[8]), f32(a.in[9])} : essm_ssd_scales{};
   Symbols const& s = a.sym;
   return essm_ssd_scan_fwd(inDtype(a), a.io, a.in[0], a.in[1], f32(a.in[2]), a.in[3], a.in[4], f32(a.in[5]),
                            f32(a.in[6]), a.attrs.i(0), a.attrs.f(1), a.attrs.f(2), isQuant(a) ? &scales : nullptr,
@@ -70,7 +72,8 @@ cudaError_t launchSSDScan(LaunchArgs const& a) {
 
 // inputs: state x dt A Bm Cm Dskip dt_bias [x_scale B_scale C_scale]
 cudaError_t launchSSDStateUpdate(LaunchArgs const& a) {
-  essm_ssd_scales scales{f32(a.in[8]), f32(a.in[9]), f32(a.in[10])};
+  essm_ssd_scales const scales =
+      isQuant(a) ? essm_ssd_scales{f32(a.in[8]), f32(a.in[9]), f32(a.in[10])} : essm_ssd_scales{};
   Symbols const& s = a.sym;
   return essm_ssd_state_update(inDtype(a), a.io, f32(a.in[0]), a.in[1], a.in[2], f32(a.in[3]), a.in[4], a.in[5],
                                f32(a.in[6]), f32(a.in[7]), a.attrs.i(0), a.attrs.f(1), a.attrs.f(2),
