@@ -249,5 +249,27 @@ def build(onnx_dir: Path, out_dir: Path, fp16: bool, int8: bool, prefill_batch: 
     click.echo(f"engines written to {out}")
 
 
+@main.command()
+@click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Report directory: report.json, report.md, ranges.png and one quantized model per recipe.")
+@click.option("--data", required=True, type=click.Path(exists=True, path_type=Path), help="Held-out text.")
+@click.option("--recipes", default="w8a8-naive,w8a8-percentile,w8a8,w4a16,w4a8", show_default=True)
+@click.option("--calib", type=click.Path(exists=True, path_type=Path), help="Calibration text (default: calibration/default.txt).")
+@click.option("--num-samples", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--seq-len", default=256, show_default=True, type=click.IntRange(2))
+@click.option("--window", default=256, show_default=True, type=click.IntRange(2))
+@click.option("--max-windows", default=None, type=click.IntRange(1), help="Evaluate at most this many windows.")
+def report(model: Path, out: Path, data: Path, recipes: str, calib: Path | None, num_samples: int, seq_len: int,
+           window: int, max_windows: int | None) -> None:
+    """Float vs every recipe: perplexity, per-layer SQNR, and a plot of activation ranges before/after Hadamard."""
+    from edgessm.quant.compare import compare_recipes, report_markdown
+
+    result = compare_recipes(model, out, data, tuple(r.strip() for r in recipes.split(",") if r.strip()), calib,
+                             num_samples, seq_len, window, max_windows)
+    click.echo(report_markdown(result))
+    click.echo(f"written: {out / 'report.json'}, {out / 'report.md'}, {out / 'ranges.png'}")
+
+
 if __name__ == "__main__":
     main()
