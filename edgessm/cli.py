@@ -188,19 +188,21 @@ def export_cmd(model: Path, out: Path, scan: str, graphs: str, opset: int, exter
 
 
 @main.command("run")
-@click.argument("onnx_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--tokens", "token_ids", help="Comma-separated prompt token ids (default: --prompt through the tokenizer).")
-@click.option("--prompt", default="", help="Text prompt (tokenizer.json of the export, else bytes).")
+@click.option("--prompt", default="", help="Text prompt (the directory's tokenizer.json, else bytes).")
 @click.option("--new-tokens", default=16, show_default=True, type=click.IntRange(0))
+@_BACKEND
+@_DEVICE
 @click.option("--compare", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Source checkpoint: also report the logits error vs PyTorch (float64) and greedy agreement.")
 @click.option("--threads", type=click.IntRange(1), help="ONNX Runtime intra-op threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def run_cmd(onnx_dir: Path, token_ids: str | None, prompt: str, new_tokens: int, compare: Path | None,
-            threads: int | None, as_json: bool) -> None:
-    """Run an ONNX export with ONNX Runtime: greedy tokens after a prompt, timings, optional check."""
+def run_cmd(model: Path, token_ids: str | None, prompt: str, new_tokens: int, backend: str, device: str,
+            compare: Path | None, threads: int | None, as_json: bool) -> None:
+    """Run MODEL (usually an ONNX export or engine dir): greedy tokens after a prompt, timings, optional check."""
     from edgessm.config import load_config
-    from edgessm.runtime.ort import run_export
+    from edgessm.runtime import run_model
     from edgessm.runtime.tokenizer import load_tokenizer
 
     tokenizer = None
@@ -210,20 +212,22 @@ def run_cmd(onnx_dir: Path, token_ids: str | None, prompt: str, new_tokens: int,
         except ValueError as e:
             raise click.BadParameter(f"expected comma-separated integers, got {token_ids!r}", param_hint="--tokens") from e
     else:
-        tokenizer = load_tokenizer(onnx_dir, load_config(onnx_dir).vocab_size)
+        tokenizer = load_tokenizer(model, load_config(model).vocab_size)
         ids = tokenizer.encode(prompt) or [0]
-    report = run_export(onnx_dir, np.array([ids], dtype=np.int64), new_tokens, compare, threads)
+    report = run_model(model, np.array([ids], dtype=np.int64), new_tokens, backend, device, compare, threads)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
     new = report["new_tokens"][0]
     click.echo(tokenizer.decode(ids + new) if tokenizer else " ".join(map(str, ids + new)))
-    click.echo(f"[ort, {report['scan']}] prefill {report['prefill_ms']:.1f} ms, decode {report['decode_ms_per_token']:.2f} ms/token",
-               err=True)
+    scan = f", {report['scan']} scan" if report["scan"] else ""
+    click.echo(f"[{report['backend']}{scan}] prefill {report['prefill_ms']:.1f} ms, "
+               f"decode {report['decode_ms_per_token']:.2f} ms/token", err=True)
     if "compare" in report:
         c = report["compare"]
-        click.echo(f"vs PyTorch float64: prefill logits rel err {c['prefill_rel_err']:.2e}; greedy tokens equal: {c['tokens_equal']}",
-                   err=True)
+        click.echo(f"vs PyTorch float64: prefill logits rel err {c['prefill_rel_err']:.2e}; "
+                   f"greedy tokens equal: {c['tokens_equal']}", err=True)
+
 
 @main.command()
 @click.argument("onnx_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))

@@ -151,5 +151,11 @@ def test_cli_export_and_run(checkpoints, tmp_path: Path) -> None:
     report = json.loads(res.output)
     assert len(report["new_tokens"][0]) == 6
     assert report["compare"]["prefill_rel_err"] < 1e-4 and report["compare"]["tokens_equal"]
+    assert report["backend"] == "ort" and report["scan"] == "portable"
+    # the same command on the float checkpoint runs the torch backend
+    res = runner.invoke(main, ["run", str(checkpoints["m1-odd"]), "--tokens", "3,1,4,1,5", "--new-tokens", "6", "--json"])
+    assert res.exit_code == 0, res.output
+    torch_report = json.loads(res.output)
+    assert torch_report["backend"] == "torch" and torch_report["new_tokens"] == report["new_tokens"]
     res = runner.invoke(main, ["export", str(checkpoints["m1-odd"]), "-o", str(out), "--scan", "nope"])
     assert res.exit_code != 0 and "nope" in res.output

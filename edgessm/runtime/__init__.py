@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from edgessm.errors import ConfigError
@@ -22,8 +24,11 @@ def detect_backend(path: Path) -> str:
     return "torch"
 
 
-def open_backend(path: str | Path, backend: str = "auto", device: str = "cpu") -> Backend:
-    """Open a checkpoint, quantized directory, ONNX export or TensorRT engine directory for running."""
+def open_backend(path: str | Path, backend: str = "auto", device: str = "cpu", threads: int | None = None) -> Backend:
+    """Open a checkpoint, quantized directory, ONNX export or TensorRT engine directory for running.
+
+    ``threads``: ONNX Runtime intra-op threads (default: ORT's choice).
+    """
     path = Path(path)
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")
@@ -32,7 +37,7 @@ def open_backend(path: str | Path, backend: str = "auto", device: str = "cpu") -
     if backend == "ort":
         from edgessm.runtime.ort import OrtBackend
 
-        return OrtBackend(path)
+        return OrtBackend(path, threads=threads)
     if backend == "trt":
         from edgessm.runtime.trt import TrtBackend
 
@@ -58,4 +63,36 @@ def load_any_model(path: str | Path):  # -> MambaLM or a quantized model with th
     return load_model(path)
 
 
-__all__ = ["Backend", "TorchBackend", "BACKENDS", "detect_backend", "open_backend", "load_any_model"]
+def run_model(
+    path: str | Path, tokens: np.ndarray, new_tokens: int, backend: str = "auto", device: str = "cpu",
+    compare: str | Path | None = None, threads: int | None = None,
+) -> dict[str, Any]:
+    """Greedy-generate ``new_tokens`` after ``tokens`` [B, T] on a backend (what ``edgessm run`` prints).
+
+    With ``compare`` (the source float checkpoint): the prefill logits' relative error against the
+    float64 PyTorch model, and whether PyTorch's greedy tokens are the same.
+    """
+    from edgessm.models import load_model
+    from edgessm.runtime.generation import generate
+
+    session = open_backend(path, backend, device, threads)
+    result = generate(session, tokens, new_tokens)
+    report: dict[str, Any] = {
+        "model": str(path), "backend": session.name, "arch": session.config.arch,
+        "scan": getattr(session, "manifest", {}).get("scan"),
+        "prompt": tokens.tolist(), "new_tokens": result.new_tokens.tolist(),
+        "prefill_ms": 1e3 * result.prefill_seconds, "decode_ms_per_token": result.decode_ms_per_token,
+    }
+    if compare is not None:
+        reference = load_model(compare, dtype=torch.float64)
+        with torch.no_grad():
+            ref_logits = reference(torch.from_numpy(tokens))[0].numpy()
+        logits, _ = session.prefill(tokens)
+        err = float(np.linalg.norm(logits - ref_logits) / np.linalg.norm(ref_logits))
+        torch_result = generate(TorchBackend(load_model(compare)), tokens, new_tokens)
+        report["compare"] = {"model": str(compare), "prefill_rel_err": err,
+                             "tokens_equal": bool(np.array_equal(torch_result.tokens, result.tokens))}
+    return report
+
+
+__all__ = ["Backend", "TorchBackend", "BACKENDS", "detect_backend", "open_backend", "load_any_model", "run_model"]

@@ -117,33 +117,3 @@ class OrtBackend:
         """States of an empty prefix (decode from scratch without a prefill)."""
         conv, ssm = self.config.state_shapes(batch)
         return [LayerState(np.zeros(conv, np.float32), np.zeros(ssm, np.float32)) for _ in range(self.config.n_layer)]
-
-
-def run_export(onnx_dir: str | Path, tokens: np.ndarray, new_tokens: int, compare: str | Path | None = None,
-               threads: int | None = None) -> dict[str, Any]:
-    """Greedy-generate ``new_tokens`` after ``tokens`` [B, T] with ONNX Runtime; with ``compare`` (the
-    source checkpoint) also the prefill logits' relative error against the float64 PyTorch model and
-    whether PyTorch's greedy tokens are the same. What ``edgessm run`` prints."""
-    import torch
-
-    from edgessm.models import load_model
-    from edgessm.runtime.backend import TorchBackend
-    from edgessm.runtime.generation import generate
-
-    backend = OrtBackend(onnx_dir, threads=threads)
-    result = generate(backend, tokens, new_tokens)
-    report: dict[str, Any] = {
-        "onnx_dir": str(onnx_dir), "scan": backend.manifest["scan"], "arch": backend.config.arch,
-        "prompt": tokens.tolist(), "new_tokens": result.new_tokens.tolist(),
-        "prefill_ms": 1e3 * result.prefill_seconds, "decode_ms_per_token": result.decode_ms_per_token,
-    }
-    if compare is not None:
-        reference = load_model(compare, dtype=torch.float64)
-        with torch.no_grad():
-            ref_logits, _ = reference(torch.from_numpy(tokens))
-        logits, _ = backend.prefill(tokens)
-        err = float(np.linalg.norm(logits - ref_logits.numpy()) / np.linalg.norm(ref_logits.numpy()))
-        torch_result = generate(TorchBackend(load_model(compare)), tokens, new_tokens)
-        report["compare"] = {"model": str(compare), "prefill_rel_err": err,
-                             "tokens_equal": bool(np.array_equal(torch_result.tokens, result.tokens))}
-    return report
