@@ -9,5 +9,6 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 from edgessm.config import MambaConfig, load_config
 from edgessm.models import MambaLM, load_model, save_model
+from edgessm.quant import load_quantized
 
-__all__ = ["MambaConfig", "MambaLM", "load_config", "load_model", "save_model", "__version__"]
+__all__ = ["MambaConfig", "MambaLM", "load_config", "load_model", "load_quantized", "save_model", "__version__"]
