@@ -8,7 +8,7 @@ from torch import nn
 
 from edgessm.config import MambaConfig
 from edgessm.models.sites import ActivationSites, LayerState
-from edgessm.ops import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
+from edgessm.ops.stateful import causal_conv1d_continue, selective_scan_continue
 
 
 class Mamba1Mixer(ActivationSites):
@@ -30,30 +30,15 @@ class Mamba1Mixer(ActivationSites):
         xz = self.in_proj(hidden)  # [B, L, 2*d_inner]
         x, z = xz.chunk(2, dim=-1)
         x = self.site("conv_in", x).transpose(1, 2)  # [B, d_inner, L]
-        conv_w = self.conv1d.weight.squeeze(1)
-        decode = state is not None and hidden.shape[1] == 1
-        if decode:
-            xc, conv_state = causal_conv1d_update(x[..., 0], state.conv, conv_w, self.conv1d.bias)
-            xc = xc.unsqueeze(-1)
-        else:
-            xc, conv_state = causal_conv1d(x, conv_w, self.conv1d.bias, initial_state=None if state is None else state.conv)
+        xc, conv_state = causal_conv1d_continue(
+            x, self.conv1d.weight.squeeze(1), self.conv1d.bias, None if state is None else state.conv
+        )
         xc = self.site("ssm_x", xc.transpose(1, 2))  # [B, L, d_inner]
         dt, Bm, Cm = torch.split(self.x_proj(xc), [cfg.dt_rank, cfg.d_state, cfg.d_state], dim=-1)
         dt = self.site("ssm_dt", F.linear(dt, self.dt_proj.weight))  # bias is added inside the scan
-        Bm, Cm = self.site("ssm_B", Bm), self.site("ssm_C", Cm)
-        z = self.site("ssm_z", z)
-        A = -torch.exp(self.A_log.float())
-        if decode:
-            y, ssm_state = selective_state_update(
-                state.ssm, xc[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0], self.D, z[:, 0], self.dt_proj.bias, dt_softplus=True
-            )
-            y = y.unsqueeze(1)
-        else:
-            y, ssm_state = selective_scan(
-                xc.transpose(1, 2), dt.transpose(1, 2), A, Bm.transpose(1, 2), Cm.transpose(1, 2), self.D,
-                z.transpose(1, 2), self.dt_proj.bias, delta_softplus=True,
-                initial_state=None if state is None else state.ssm,
-            )
-            y = y.transpose(1, 2)
+        y, ssm_state = selective_scan_continue(
+            xc, dt, -torch.exp(self.A_log.float()), self.site("ssm_B", Bm), self.site("ssm_C", Cm), self.D,
+            self.site("ssm_z", z), self.dt_proj.bias, None if state is None else state.ssm,
+        )
         out = self.out_proj(self.site("out_in", y.to(hidden.dtype)))
         return out, LayerState(conv_state, ssm_state)

@@ -8,7 +8,7 @@ from torch import nn
 from edgessm.config import MambaConfig
 from edgessm.models.norm import GatedRMSNorm
 from edgessm.models.sites import ActivationSites, LayerState
-from edgessm.ops import causal_conv1d, causal_conv1d_update, ssd_scan_chunked, ssd_state_update
+from edgessm.ops.stateful import causal_conv1d_continue, ssd_continue
 
 
 class Mamba2Mixer(ActivationSites):
@@ -32,30 +32,18 @@ class Mamba2Mixer(ActivationSites):
         batch, length, _ = hidden.shape
         z, xBC, dt = torch.split(self.in_proj(hidden), [cfg.d_inner, cfg.conv_dim, cfg.n_heads], dim=-1)
         xBC = self.site("conv_in", xBC).transpose(1, 2)  # [B, conv_dim, L]
-        conv_w = self.conv1d.weight.squeeze(1)
-        decode = state is not None and length == 1
-        if decode:
-            xc, conv_state = causal_conv1d_update(xBC[..., 0], state.conv, conv_w, self.conv1d.bias)
-            xc = xc.unsqueeze(-1)
-        else:
-            xc, conv_state = causal_conv1d(xBC, conv_w, self.conv1d.bias, initial_state=None if state is None else state.conv)
+        xc, conv_state = causal_conv1d_continue(
+            xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias, None if state is None else state.conv
+        )
         gn = cfg.n_groups * cfg.d_state
         x, Bm, Cm = torch.split(xc.transpose(1, 2), [cfg.d_inner, gn, gn], dim=-1)
-        x = self.site("ssm_x", x).reshape(batch, length, cfg.n_heads, cfg.head_dim)
-        Bm = self.site("ssm_B", Bm).reshape(batch, length, cfg.n_groups, cfg.d_state)
-        Cm = self.site("ssm_C", Cm).reshape(batch, length, cfg.n_groups, cfg.d_state)
-        dt = self.site("ssm_dt", dt)
-        A = -torch.exp(self.A_log.float())
-        if decode:
-            y, ssm_state = ssd_state_update(
-                state.ssm, x[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0], self.D, self.dt_bias, True, cfg.dt_limit
-            )
-            y = y.unsqueeze(1)
-        else:
-            y, ssm_state = ssd_scan_chunked(
-                x, dt, A, Bm, Cm, self.D, self.dt_bias, True, cfg.dt_limit,
-                initial_state=None if state is None else state.ssm, chunk_size=cfg.chunk_size,
-            )
+        y, ssm_state = ssd_continue(
+            self.site("ssm_x", x).reshape(batch, length, cfg.n_heads, cfg.head_dim), self.site("ssm_dt", dt),
+            -torch.exp(self.A_log.float()),
+            self.site("ssm_B", Bm).reshape(batch, length, cfg.n_groups, cfg.d_state),
+            self.site("ssm_C", Cm).reshape(batch, length, cfg.n_groups, cfg.d_state),
+            self.D, self.dt_bias, None if state is None else state.ssm, cfg.dt_limit, cfg.chunk_size,
+        )
         y = self.norm(y.reshape(batch, length, cfg.d_inner), self.site("ssm_z", z))
         out = self.out_proj(self.site("out_in", y.to(hidden.dtype)))
         return out, LayerState(conv_state, ssm_state)

@@ -29,8 +29,7 @@ from edgessm.models.mamba1 import Mamba1Mixer
 from edgessm.models.mamba2 import Mamba2Mixer
 from edgessm.models.norm import GatedRMSNorm
 from edgessm.models.sites import LayerState
-from edgessm.ops import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
-from edgessm.ops import ssd_scan_chunked, ssd_state_update
+from edgessm.ops.stateful import causal_conv1d_continue, selective_scan_continue, ssd_continue
 from edgessm.ops.hadamard import hadamard_matrix, hadamard_transform
 from edgessm.quant.linear import QuantLinear
 from edgessm.quant.observers import HessianObserver, RangeObserver, SqnrMeter, check_finite
@@ -166,13 +165,10 @@ class QuantMixerBase(nn.Module):
             setattr(self, name, qlin)
         return weight_sqnr
 
-    def _conv(self, x: torch.Tensor, state: LayerState | None, decode: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _conv(self, x: torch.Tensor, state: LayerState | None) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [B, C, L] float → (silu(conv) [B, C, L], conv_state)."""
-        w = self.conv1d.weight.squeeze(1)
-        if decode:
-            y, conv_state = causal_conv1d_update(x[..., 0], state.conv, w, self.conv1d.bias)
-            return y.unsqueeze(-1), conv_state
-        return causal_conv1d(x, w, self.conv1d.bias, initial_state=None if state is None else state.conv)
+        w, state_conv = self.conv1d.weight.squeeze(1), None if state is None else state.conv
+        return causal_conv1d_continue(x, w, self.conv1d.bias, state_conv)
 
 
 class QuantMamba1Mixer(QuantMixerBase):
@@ -213,26 +209,16 @@ class QuantMamba1Mixer(QuantMixerBase):
 
     def forward(self, hidden: torch.Tensor, state: LayerState | None = None) -> tuple[torch.Tensor, LayerState]:
         cfg = self.config
-        decode = state is not None and hidden.shape[1] == 1
         x, z = self.linear("in_proj", self.act("in_proj", hidden)).chunk(2, dim=-1)
-        xc, conv_state = self._conv(as_float(self.act("conv_in", x)).transpose(1, 2), state, decode)
+        xc, conv_state = self._conv(as_float(self.act("conv_in", x)).transpose(1, 2), state)
         u = self.act("ssm_x", xc.transpose(1, 2))  # [B, L, d_inner]
         dt, Bm, Cm = torch.split(self.linear("x_proj", u), [cfg.dt_rank, cfg.d_state, cfg.d_state], dim=-1)
         dt = as_float(self.act("ssm_dt", self.linear("dt_proj", self.act("dt_in", dt))))
-        u, Bm, Cm = as_float(u), as_float(self.act("ssm_B", Bm)), as_float(self.act("ssm_C", Cm))
-        z = as_float(self.act("ssm_z", z))
-        A = -torch.exp(self.A_log.float())
-        if decode:
-            y, ssm_state = selective_state_update(
-                state.ssm, u[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0], self.D, z[:, 0], self.dt_bias, dt_softplus=True
-            )
-            y = y.unsqueeze(1)
-        else:
-            y, ssm_state = selective_scan(
-                u.transpose(1, 2), dt.transpose(1, 2), A, Bm.transpose(1, 2), Cm.transpose(1, 2), self.D,
-                z.transpose(1, 2), self.dt_bias, delta_softplus=True, initial_state=None if state is None else state.ssm,
-            )
-            y = y.transpose(1, 2)
+        y, ssm_state = selective_scan_continue(
+            as_float(u), dt, -torch.exp(self.A_log.float()), as_float(self.act("ssm_B", Bm)),
+            as_float(self.act("ssm_C", Cm)), self.D, as_float(self.act("ssm_z", z)), self.dt_bias,
+            None if state is None else state.ssm,
+        )
         return self.project_out(y.to(hidden.dtype)), LayerState(conv_state, ssm_state)
 
 
@@ -303,27 +289,19 @@ class QuantMamba2Mixer(QuantMixerBase):
     def forward(self, hidden: torch.Tensor, state: LayerState | None = None) -> tuple[torch.Tensor, LayerState]:
         cfg = self.config
         batch, length, _ = hidden.shape
-        decode = state is not None and length == 1
         z, xBC, dt = torch.split(
             self.linear("in_proj", self.act("in_proj", hidden)), [cfg.d_inner, cfg.conv_dim, cfg.n_heads], dim=-1
         )
-        xc, conv_state = self._conv(as_float(self.act("conv_in", xBC)).transpose(1, 2), state, decode)
+        xc, conv_state = self._conv(as_float(self.act("conv_in", xBC)).transpose(1, 2), state)
         gn = cfg.n_groups * cfg.d_state
         x, Bm, Cm = torch.split(xc.transpose(1, 2), [cfg.d_inner, gn, gn], dim=-1)
-        x = as_float(self.act("ssm_x", x)).reshape(batch, length, cfg.n_heads, cfg.head_dim)
-        Bm = as_float(self.act("ssm_B", Bm)).reshape(batch, length, cfg.n_groups, cfg.d_state)
-        Cm = as_float(self.act("ssm_C", Cm)).reshape(batch, length, cfg.n_groups, cfg.d_state)
-        A = -torch.exp(self.A_log.float())
-        if decode:
-            y, ssm_state = ssd_state_update(
-                state.ssm, x[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0], self.D, self.dt_bias, True, cfg.dt_limit
-            )
-            y = y.unsqueeze(1)
-        else:
-            y, ssm_state = ssd_scan_chunked(
-                x, dt, A, Bm, Cm, self.D, self.dt_bias, True, cfg.dt_limit,
-                initial_state=None if state is None else state.ssm, chunk_size=cfg.chunk_size,
-            )
+        y, ssm_state = ssd_continue(
+            as_float(self.act("ssm_x", x)).reshape(batch, length, cfg.n_heads, cfg.head_dim), dt,
+            -torch.exp(self.A_log.float()),
+            as_float(self.act("ssm_B", Bm)).reshape(batch, length, cfg.n_groups, cfg.d_state),
+            as_float(self.act("ssm_C", Cm)).reshape(batch, length, cfg.n_groups, cfg.d_state),
+            self.D, self.dt_bias, None if state is None else state.ssm, cfg.dt_limit, cfg.chunk_size,
+        )
         y = self.norm(y.reshape(batch, length, cfg.d_inner), as_float(self.act("ssm_z", z)))
         return self.project_out(y.to(hidden.dtype)), LayerState(conv_state, ssm_state)
 
