@@ -11,10 +11,8 @@ from edgessm.ops import (
     causal_conv1d,
     causal_conv1d_update,
     selective_scan,
-    selective_scan_chunked,
     selective_state_update,
     ssd_scan,
-    ssd_scan_chunked,
     ssd_state_update,
 )
 from tests.conftest import rel_err
@@ -67,7 +65,7 @@ def test_selective_scan_chunked_equals_sequential(length: int, chunk: int) -> No
     inp = mamba1_inputs(2, 5, 4, length)
     h0 = torch.randn(2, 5, 4, dtype=torch.float64)
     y1, s1 = selective_scan(**inp, delta_softplus=True, initial_state=h0)
-    y2, s2 = selective_scan_chunked(**inp, delta_softplus=True, initial_state=h0, chunk_size=chunk)
+    y2, s2 = selective_scan(**inp, delta_softplus=True, initial_state=h0, chunk_size=chunk)
     assert rel_err(y2, y1) < 1e-12 and rel_err(s2, s1) < 1e-12
 
 
@@ -95,14 +93,14 @@ def test_ssd_chunked_equals_sequential(length: int, chunk: int, groups: int) -> 
     inp = mamba2_inputs(2, length, 4, 3, groups, 5)
     s0 = torch.randn(2, 4, 3, 5, dtype=torch.float64)
     y1, f1 = ssd_scan(**inp, dt_softplus=True, dt_limit=(0.01, 2.0), initial_state=s0)
-    y2, f2 = ssd_scan_chunked(**inp, dt_softplus=True, dt_limit=(0.01, 2.0), initial_state=s0, chunk_size=chunk)
+    y2, f2 = ssd_scan(**inp, dt_softplus=True, dt_limit=(0.01, 2.0), initial_state=s0, chunk_size=chunk)
     assert rel_err(y2, y1) < 1e-12 and rel_err(f2, f1) < 1e-12
 
 
 def test_ssd_float32_chunked_vs_float64() -> None:
     inp = mamba2_inputs(1, 300, 4, 8, 2, 16)
     ref, _ = ssd_scan(**inp, dt_softplus=True)
-    got, _ = ssd_scan_chunked(**{k: v.float() for k, v in inp.items()}, dt_softplus=True, chunk_size=64)
+    got, _ = ssd_scan(**{k: v.float() for k, v in inp.items()}, dt_softplus=True, chunk_size=64)
     assert rel_err(got, ref) < 1e-5
 
 

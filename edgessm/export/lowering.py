@@ -5,7 +5,7 @@ them in place of custom nodes, and ``edgessm.runtime.ort_ops`` calls them to rew
 nodes of a plugin-mode graph for ONNX Runtime, so both modes compute with the same subgraphs.
 
 Prefill scans run as an ONNX ``Scan`` over chunks of ``chunk`` tokens, chained through the
-Scan state. Inside a chunk, Mamba-2 uses the SSD chunk form of ``edgessm.ops.ssd_scan_chunked``
+Scan state. Inside a chunk, Mamba-2 uses the SSD chunk form of ``edgessm.ops.ssd_scan(..., chunk_size=...)``
 (masked cumulative log-decays, exponentiated, then MatMuls); Mamba-1, whose state has a decay per
 (channel, state) pair, computes every step's decay and input at once and unrolls the ``chunk``
 cheap recurrence steps. The sequence is zero-padded to a multiple of ``chunk`` after

@@ -5,17 +5,15 @@ float64 when given float64 tensors (used as the high-precision reference in test
 """
 
 from edgessm.ops.conv import causal_conv1d, causal_conv1d_update
-from edgessm.ops.scan import selective_scan, selective_scan_chunked, selective_state_update, softplus
-from edgessm.ops.ssd import ssd_scan, ssd_scan_chunked, ssd_state_update
+from edgessm.ops.scan import selective_scan, selective_state_update, softplus
+from edgessm.ops.ssd import ssd_scan, ssd_state_update
 
 __all__ = [
     "causal_conv1d",
     "causal_conv1d_update",
     "selective_scan",
-    "selective_scan_chunked",
     "selective_state_update",
     "softplus",
     "ssd_scan",
-    "ssd_scan_chunked",
     "ssd_state_update",
 ]

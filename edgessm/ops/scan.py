@@ -45,20 +45,29 @@ def selective_scan(
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
     initial_state: torch.Tensor | None = None,
+    chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequential scan over time. Returns (y [B, D, L] in u's dtype, final_state [B, D, N] float32/64)."""
-    dt_ = compute_dtype(u)
-    dt = _discretize_dt(delta, delta_bias, delta_softplus, dt_)  # [B, D, L]
-    A = A.to(dt_)
-    Bf, Cf, uf = B.to(dt_), C.to(dt_), u.to(dt_)
-    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1], dtype=dt_) if initial_state is None else initial_state.to(dt_)
+    """Returns (y [B, D, L] in u's dtype, final_state [B, D, N] float32/64).
+
+    ``chunk_size=None`` runs the sequential recurrence; an int computes the same result
+    chunk-parallel (the form a parallel kernel or a loop-free graph lowering uses).
+    """
+    cd = compute_dtype(u)
+    dt = _discretize_dt(delta, delta_bias, delta_softplus, cd)  # [B, D, L]
+    uf = u.to(cd)
+    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1], dtype=cd) if initial_state is None else initial_state.to(cd)
+    args = (dt, A.to(cd), B.to(cd), C.to(cd), uf, h)
+    y, h = _sequential(*args) if chunk_size is None else _chunked(*args, chunk_size)
+    return _finish(y, uf, D, z, (1, -1, 1)).to(u.dtype), h
+
+
+def _sequential(dt: torch.Tensor, A: torch.Tensor, Bf: torch.Tensor, Cf: torch.Tensor, uf: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ys = []
-    for t in range(u.shape[-1]):
+    for t in range(uf.shape[-1]):
         dA = torch.exp(dt[:, :, t, None] * A)  # [B, D, N]
         h = dA * h + (dt[:, :, t] * uf[:, :, t])[:, :, None] * Bf[:, None, :, t]
         ys.append(torch.einsum("bdn,bn->bd", h, Cf[:, :, t]))
-    y = torch.stack(ys, dim=-1) if ys else uf.new_zeros(uf.shape)
-    return _finish(y, uf, D, z, (1, -1, 1)).to(u.dtype), h
+    return (torch.stack(ys, dim=-1) if ys else uf.new_zeros(uf.shape)), h
 
 
 def _segsum(a: torch.Tensor) -> torch.Tensor:
@@ -74,42 +83,21 @@ def _segsum(a: torch.Tensor) -> torch.Tensor:
     return seg.masked_fill(~torch.tril(torch.ones(T, T, dtype=torch.bool, device=a.device)), float("-inf"))
 
 
-def selective_scan_chunked(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    delta_bias: torch.Tensor | None = None,
-    delta_softplus: bool = False,
-    initial_state: torch.Tensor | None = None,
-    chunk_size: int = 32,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same scan computed chunk-parallel: within a chunk every output is a masked
-    decay-weighted sum over earlier positions; chunks are chained through their end states.
-    This is the form a parallel kernel or a graph lowering (no sequential loop over tokens) uses.
-    """
-    dt_ = compute_dtype(u)
-    dt = _discretize_dt(delta, delta_bias, delta_softplus, dt_)
-    A = A.to(dt_)
-    Bf, Cf, uf = B.to(dt_), C.to(dt_), u.to(dt_)
-    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1], dtype=dt_) if initial_state is None else initial_state.to(dt_)
+def _chunked(dt: torch.Tensor, A: torch.Tensor, Bf: torch.Tensor, Cf: torch.Tensor, uf: torch.Tensor, h: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Within a chunk every output is a masked decay-weighted sum over earlier positions;
+    chunks are chained through their end states."""
     ys = []
-    for start in range(0, u.shape[-1], chunk_size):
+    for start in range(0, uf.shape[-1], chunk_size):
         sl = slice(start, start + chunk_size)
         dtc, uc, Bc, Cc = dt[:, :, sl], uf[:, :, sl], Bf[:, :, sl], Cf[:, :, sl]
-        a = dtc[..., None] * A[None, :, None, :]  # [B, D, T, N] log-decay per step
-        a = a.permute(0, 1, 3, 2)  # [B, D, N, T]
+        a = (dtc[..., None] * A[None, :, None, :]).permute(0, 1, 3, 2)  # [B, D, N, T] log-decay per step
         decay = torch.exp(_segsum(a))  # [B, D, N, t, s]
         x = (dtc * uc)[:, :, None, :] * Bc[:, None, :, :]  # [B, D, N, s]: dt*u*B
         intra = torch.einsum("bdnts,bdns,bnt->bdt", decay, x, Cc)
         from_start = torch.exp(torch.cumsum(a, dim=-1))  # [B, D, N, t] decay since the chunk start
         ys.append(intra + torch.einsum("bdnt,bdn,bnt->bdt", from_start, h, Cc))
         h = from_start[..., -1] * h + torch.einsum("bdns,bdns->bdn", decay[..., -1, :], x)
-    y = torch.cat(ys, dim=-1) if ys else uf.new_zeros(uf.shape)
-    return _finish(y, uf, D, z, (1, -1, 1)).to(u.dtype), h
+    return (torch.cat(ys, dim=-1) if ys else uf.new_zeros(uf.shape)), h
 
 
 def selective_state_update(

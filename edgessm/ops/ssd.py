@@ -52,47 +52,38 @@ def ssd_scan(
     dt_softplus: bool = False,
     dt_limit: tuple[float, float] = (0.0, math.inf),
     initial_state: torch.Tensor | None = None,
+    chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequential recurrence over time. Returns (y [B, L, H, P] in x's dtype, final_state [B, H, P, N])."""
+    """Returns (y [B, L, H, P] in x's dtype, final_state [B, H, P, N]).
+
+    ``chunk_size=None`` runs the sequential recurrence; an int runs the SSD chunked algorithm
+    (Mamba-2 paper, section 6: a quadratic attention-like form inside each chunk, a linear
+    recurrence over chunk states between them), which gives the same result.
+    """
     cd = compute_dtype(x)
-    batch, length, heads, hdim = x.shape
+    batch, _, heads, hdim = x.shape
     step = discretize_ssd_dt(dt, dt_bias, dt_softplus, dt_limit, cd)  # [B, L, H]
-    xf, Af = x.to(cd), A.to(cd)
+    xf = x.to(cd)
     Bh, Ch = _heads(B.to(cd), heads, 2), _heads(C.to(cd), heads, 2)  # [B, L, H, N]
     s = x.new_zeros(batch, heads, hdim, B.shape[-1], dtype=cd) if initial_state is None else initial_state.to(cd)
-    ys = []
-    for t in range(length):
-        decay = torch.exp(step[:, t] * Af)[:, :, None, None]
-        s = decay * s + (step[:, t, :, None] * xf[:, t])[..., None] * Bh[:, t, :, None, :]
-        ys.append(torch.einsum("bhpn,bhn->bhp", s, Ch[:, t]))
-    y = torch.stack(ys, dim=1) if ys else xf.new_zeros(xf.shape)
+    args = (step, A.to(cd), Bh, Ch, xf, s)
+    y, s = _ssd_sequential(*args) if chunk_size is None else _ssd_chunked(*args, chunk_size)
     return _skip(y, xf, D).to(x.dtype), s
 
 
-def ssd_scan_chunked(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None = None,
-    dt_bias: torch.Tensor | None = None,
-    dt_softplus: bool = False,
-    dt_limit: tuple[float, float] = (0.0, math.inf),
-    initial_state: torch.Tensor | None = None,
-    chunk_size: int = 256,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The SSD chunked algorithm (Mamba-2 paper, section 6): quadratic attention-like form inside
-    each chunk, a linear recurrence over chunk states between them."""
-    cd = compute_dtype(x)
-    batch, length, heads, hdim = x.shape
-    step = discretize_ssd_dt(dt, dt_bias, dt_softplus, dt_limit, cd)
-    xf = x.to(cd)
-    Bh, Ch = _heads(B.to(cd), heads, 2), _heads(C.to(cd), heads, 2)
-    s = x.new_zeros(batch, heads, hdim, B.shape[-1], dtype=cd) if initial_state is None else initial_state.to(cd)
-    a_all = step * A.to(cd)  # [B, L, H] log-decay per step
+def _ssd_sequential(step: torch.Tensor, A: torch.Tensor, Bh: torch.Tensor, Ch: torch.Tensor, xf: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ys = []
-    for start in range(0, length, chunk_size):
+    for t in range(xf.shape[1]):
+        decay = torch.exp(step[:, t] * A)[:, :, None, None]
+        s = decay * s + (step[:, t, :, None] * xf[:, t])[..., None] * Bh[:, t, :, None, :]
+        ys.append(torch.einsum("bhpn,bhn->bhp", s, Ch[:, t]))
+    return (torch.stack(ys, dim=1) if ys else xf.new_zeros(xf.shape)), s
+
+
+def _ssd_chunked(step: torch.Tensor, A: torch.Tensor, Bh: torch.Tensor, Ch: torch.Tensor, xf: torch.Tensor, s: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    a_all = step * A  # [B, L, H] log-decay per step
+    ys = []
+    for start in range(0, xf.shape[1], chunk_size):
         sl = slice(start, start + chunk_size)
         a = a_all[:, sl].transpose(1, 2)  # [B, H, T]
         xdt = xf[:, sl] * step[:, sl, :, None]  # [B, T, H, P]
@@ -104,8 +95,7 @@ def ssd_scan_chunked(
         y = y + torch.einsum("bthn,bhpn,bht->bthp", Cc, s, from_start)
         s = from_start[..., -1, None, None] * s + torch.einsum("bshn,bhs,bshp->bhpn", Bc, decay[:, :, -1, :], xdt)
         ys.append(y)
-    y = torch.cat(ys, dim=1) if ys else xf.new_zeros(xf.shape)
-    return _skip(y, xf, D).to(x.dtype), s
+    return (torch.cat(ys, dim=1) if ys else xf.new_zeros(xf.shape)), s
 
 
 def ssd_state_update(

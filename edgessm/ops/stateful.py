@@ -14,7 +14,7 @@ import torch
 
 from edgessm.ops.conv import causal_conv1d, causal_conv1d_update
 from edgessm.ops.scan import selective_scan, selective_state_update
-from edgessm.ops.ssd import ssd_scan_chunked, ssd_state_update
+from edgessm.ops.ssd import ssd_scan, ssd_state_update
 
 
 def _is_step(state: torch.Tensor | None, length: int) -> bool:
@@ -55,4 +55,4 @@ def ssd_continue(
     if _is_step(state, x.shape[1]):
         y, new_state = ssd_state_update(state, x[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0], D, dt_bias, True, dt_limit)
         return y.unsqueeze(1), new_state
-    return ssd_scan_chunked(x, dt, A, Bm, Cm, D, dt_bias, True, dt_limit, initial_state=state, chunk_size=chunk_size)
+    return ssd_scan(x, dt, A, Bm, Cm, D, dt_bias, True, dt_limit, initial_state=state, chunk_size=chunk_size)
