@@ -12,7 +12,6 @@ The table is printed and written to out/demo/report.json.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path

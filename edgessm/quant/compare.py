@@ -111,8 +111,8 @@ def compare_recipes(
         report = quantize_checkpoint(model_dir, out_dir / name, get_recipe(name), calib, num_samples, seq_len)
         result = _score(load_any_model(out_dir / name), stream, window, max_windows)
         rows.append({"recipe": name, **result.as_dict()})
-        layers[name] = [{"layer": l["layer"], "mixer_output_sqnr_db": l["mixer_output_sqnr_db"],
-                         "weight_sqnr_db": l["weight_sqnr_db"]} for l in report["layers"]]
+        layers[name] = [{"layer": layer["layer"], "mixer_output_sqnr_db": layer["mixer_output_sqnr_db"],
+                         "weight_sqnr_db": layer["weight_sqnr_db"]} for layer in report["layers"]]
         log.info("%s: perplexity %.4f (fp32 %.4f)", name, result.perplexity, float_result.perplexity)
     calib_tokens = sample_windows(token_stream(read_texts(calib).texts, tokenizer), min(num_samples, 16), seq_len)
     ranges = out_proj_input_ranges(model, calib_tokens)
