@@ -53,11 +53,11 @@ __device__ __forceinline__ float dequant(T v, float scale) {
   return to_float(v);
 }
 
-// Loads v[i] = dequant(p[i], scale) for i < N, i < valid (zero beyond `valid`). Uses wide loads
-// when the whole run is valid and the address is aligned for them; scalar loads otherwise.
+// Loads the raw elements e[i] = p[i] for i < N, i < valid (zero beyond `valid`). Uses wide loads
+// when the whole run is valid and the address is aligned for them; scalar loads otherwise. Kernels
+// that prefetch a run one step ahead hold it in this form (2..4 registers for 8 fp16/int8 values).
 template <typename T, int N>
-__device__ __forceinline__ void load_run(const T* __restrict__ p, int valid, float scale,
-                                         float (&v)[N]) {
+__device__ __forceinline__ void fetch_run(const T* __restrict__ p, int valid, T (&e)[N]) {
   constexpr int kBytes = static_cast<int>(sizeof(T)) * N;
   using W = VecWord<kBytes>;
   constexpr int kWords = kBytes / static_cast<int>(sizeof(W));
@@ -65,14 +65,21 @@ __device__ __forceinline__ void load_run(const T* __restrict__ p, int valid, flo
     W w[kWords];
 #pragma unroll
     for (int k = 0; k < kWords; ++k) w[k] = __ldg(reinterpret_cast<const W*>(p) + k);
-    T e[N];
     memcpy(e, w, kBytes);
-#pragma unroll
-    for (int i = 0; i < N; ++i) v[i] = dequant(e[i], scale);
   } else {
 #pragma unroll
-    for (int i = 0; i < N; ++i) v[i] = i < valid ? dequant(p[i], scale) : 0.f;
+    for (int i = 0; i < N; ++i) e[i] = i < valid ? p[i] : T{};
   }
+}
+
+// Loads v[i] = dequant(p[i], scale) for i < N, i < valid (zero beyond `valid`), as fetch_run.
+template <typename T, int N>
+__device__ __forceinline__ void load_run(const T* __restrict__ p, int valid, float scale,
+                                         float (&v)[N]) {
+  T e[N];
+  fetch_run<T, N>(p, valid, e);
+#pragma unroll
+  for (int i = 0; i < N; ++i) v[i] = dequant(e[i], scale);
 }
 
 // Stores p[i] = v[i] for i < valid, with wide stores when possible.

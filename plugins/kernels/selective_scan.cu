@@ -43,6 +43,31 @@ __device__ __forceinline__ float scale_at(const float* s, int64_t i) {
   return s != nullptr ? __ldg(s + i) : 1.f;
 }
 
+// softplus with the mamba_ssm threshold (x for x > 20) as max(x, 0) + log1p(t), t = exp(-|x|),
+// and log1p(t) = 2 atanh(s), s = t / (2 + t) in [0, 1/3], by its odd series to s^13 (truncation
+// < 1.4e-8 relative). About 16 instructions against ~40 for log1pf(expf(x)); the error is the
+// ex2.approx/division rounding (a few 1e-7 relative) and keeps its relative size for x << 0.
+// Runs once per (token, channel) per pass in the prefill scans.
+__device__ __forceinline__ float fast_softplus(float x) {
+  if (x > 20.f) return x;
+  const float t = fast_exp2(-fabsf(x) * kLog2e);
+  const float s = __fdividef(t, 2.f + t);
+  const float s2 = s * s;
+  float q = 2.f / 13.f;
+  q = fmaf(q, s2, 2.f / 11.f);
+  q = fmaf(q, s2, 2.f / 9.f);
+  q = fmaf(q, s2, 2.f / 7.f);
+  q = fmaf(q, s2, 2.f / 5.f);
+  q = fmaf(q, s2, 2.f / 3.f);
+  q = fmaf(q, s2, 2.f);
+  return fmaxf(x, 0.f) + s * q;
+}
+
+// x * sigmoid(x) with ex2.approx and an approximate division (a few ulp; x < -88 gives -0).
+__device__ __forceinline__ float fast_silu(float x) {
+  return __fdividef(x, 1.f + fast_exp2(-x * kLog2e));
+}
+
 // Shared memory: A*log2(e) [R][N], carry [2][N][R] (double-buffered by chunk parity), warp
 // aggregates [2][kScanWarps][R][2] (double-buffered by (chunk, state) iteration parity), so each
 // state step needs a single __syncthreads.
@@ -107,7 +132,7 @@ __global__ void __launch_bounds__(kScanThreads)
 #pragma unroll
       for (int i = 0; i < kScanItems; ++i) {
         float v = dd[i] + dbias[r];
-        if (p.delta_softplus) v = softplus(v);
+        if (p.delta_softplus) v = fast_softplus(v);
         // Padding tokens get dt = 0: a = 1, b = 0 is the identity map, so they leave the
         // carry untouched.
         dt[r][i] = (row_ok && i < valid) ? v : 0.f;
@@ -205,7 +230,7 @@ __global__ void __launch_bounds__(kScanThreads)
         float zz[kScanItems];
         load_run<Tin, kScanItems>(z + row_off[r] + tt, valid, zscale, zz);
 #pragma unroll
-        for (int i = 0; i < kScanItems; ++i) y[r][i] *= silu(zz[i]);
+        for (int i = 0; i < kScanItems; ++i) y[r][i] *= fast_silu(zz[i]);
       }
       store_run<Tout, kScanItems>(yout + row_off[r] + tt, valid, y[r]);
     }
@@ -225,10 +250,12 @@ __global__ void __launch_bounds__(kScanThreads)
 // segment of the sequence token by token: per (token, state) one exp2 and four FMA-pipe
 // operations, no shuffles and no per-state barriers. B and C of kSeqTile tokens of every segment
 // are staged in shared memory (transposed to [token][state], so the inner loop reads them as
-// warp-broadcast float4s). With S > 1 segments the scan runs twice: pass 1 computes each
-// segment's end state from a zero state and its sum of dt, a short sequential combine over the
-// segments gives every segment its true initial state (the decay over a segment is
-// exp(A * sum dt)), and pass 2 recomputes the segment from it while producing y.
+// warp-broadcast float4s). The global loads of the next tile (B/C staging, u/delta, raw in
+// registers) are issued before the current tile is computed, so their latency hides behind it.
+// With S > 1 segments the scan runs twice: pass 1 computes each segment's end state from a zero
+// state and its sum of dt, a short sequential combine over the segments gives every segment its
+// true initial state (the decay over a segment is exp(A * sum dt)), and pass 2 recomputes the
+// segment from it while producing y.
 constexpr int kSeqThreads = 128;
 constexpr int kSeqStates = 16;
 constexpr int kSeqTile = 8;
@@ -241,46 +268,83 @@ size_t seq_smem_bytes(int segs) {
   return sizeof(float) * (tiles > combine ? tiles : combine);
 }
 
-// Stages B (and C when `with_c`) for tokens [s*seg_len + t0, +kSeqTile) of every segment s into
-// Bs/Cs[s][token][state] (zeros past the sequence end and for states >= dstate).
-template <typename Tin>
-__device__ __forceinline__ void seq_stage(float* Bs, float* Cs, bool with_c, const Tin* Bb,
-                                          const Tin* Cb, float B_scale, float C_scale, int N, int L,
-                                          int segs, int seg_len, int t0) {
-  // Unrolled to its compile-time bound so that all loads are in flight before the first use.
-  constexpr int kMaxIters = kSeqMaxSegs * kSeqStates / kSeqThreads;
+// (segment, state) runs of B/C that each thread stages per tile: segs * kSeqStates / kSeqThreads,
+// rounded up (a compile-time bound, so the prefetch registers are sized per launch).
+constexpr int seq_stage_iters(int segs) {
+  return (segs * kSeqStates + kSeqThreads - 1) / kSeqThreads;
+}
+
+// Raw B (and C) of the thread's staging runs for one tile, held in registers until stored.
+template <typename Tin, int kIters>
+struct SeqStage {
+  Tin b[kIters][kSeqTile];
+  Tin c[kIters][kSeqTile];
+};
+
+// Issues the loads of B (and C when `with_c`) for tokens [s*seg_len + t0, +kSeqTile) of every
+// segment s (zeros past the sequence end and for states >= dstate).
+template <typename Tin, int kIters>
+__device__ __forceinline__ void seq_fetch(SeqStage<Tin, kIters>& st, bool with_c, const Tin* Bb,
+                                          const Tin* Cb, int N, int L, int segs, int seg_len,
+                                          int t0) {
 #pragma unroll
-  for (int it = 0; it < kMaxIters; ++it) {
+  for (int it = 0; it < kIters; ++it) {
+    const int idx = static_cast<int>(threadIdx.x) + it * kSeqThreads;
+    const int seg = idx / kSeqStates, n = idx % kSeqStates;
+    const int tok = seg * seg_len + t0;
+    const int valid = (idx < segs * kSeqStates && n < N) ? L - tok : 0;
+    const int64_t off = valid > 0 ? static_cast<int64_t>(n) * L + tok : 0;
+    fetch_run<Tin, kSeqTile>(Bb + off, valid, st.b[it]);
+    if (with_c) fetch_run<Tin, kSeqTile>(Cb + off, valid, st.c[it]);
+  }
+}
+
+// Stores the fetched runs into Bs/Cs[s][token][state] as float.
+template <typename Tin, int kIters>
+__device__ __forceinline__ void seq_put(float* Bs, float* Cs, const SeqStage<Tin, kIters>& st,
+                                        bool with_c, float B_scale, float C_scale, int segs) {
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
     const int idx = static_cast<int>(threadIdx.x) + it * kSeqThreads;
     if (idx >= segs * kSeqStates) break;
     const int seg = idx / kSeqStates, n = idx % kSeqStates;
-    const int tok = seg * seg_len + t0;
-    const int valid = n < N ? L - tok : 0;
-    float v[kSeqTile];
-    load_run<Tin, kSeqTile>(Bb + static_cast<int64_t>(n) * L + tok, valid, B_scale, v);
 #pragma unroll
-    for (int i = 0; i < kSeqTile; ++i) Bs[seg * kSeqSegStride + i * kSeqStates + n] = v[i];
+    for (int i = 0; i < kSeqTile; ++i)
+      Bs[seg * kSeqSegStride + i * kSeqStates + n] = dequant(st.b[it][i], B_scale);
     if (with_c) {
-      load_run<Tin, kSeqTile>(Cb + static_cast<int64_t>(n) * L + tok, valid, C_scale, v);
 #pragma unroll
-      for (int i = 0; i < kSeqTile; ++i) Cs[seg * kSeqSegStride + i * kSeqStates + n] = v[i];
+      for (int i = 0; i < kSeqTile; ++i)
+        Cs[seg * kSeqSegStride + i * kSeqStates + n] = dequant(st.c[it][i], C_scale);
     }
   }
 }
 
-// dt (softplus'd, 0 on padding tokens so that they are identity steps) and u for one tile.
+// Raw u and delta of the thread's channel for one tile.
 template <typename Tin>
-__device__ __forceinline__ void seq_load_dt_u(const ScanArgs& p, int64_t row_off, int tok,
-                                              bool row_ok, float dbias, float uscale, float dscale,
-                                              float (&dt)[kSeqTile], float (&uu)[kSeqTile]) {
+struct SeqTok {
+  Tin u[kSeqTile];
+  Tin d[kSeqTile];
+};
+
+template <typename Tin>
+__device__ __forceinline__ void seq_fetch_tok(SeqTok<Tin>& tk, const ScanArgs& p, int64_t row_off,
+                                              int tok, bool row_ok) {
   const int valid = row_ok ? p.seqlen - tok : 0;
-  float dd[kSeqTile];
-  load_run<Tin, kSeqTile>(static_cast<const Tin*>(p.u) + row_off + tok, valid, uscale, uu);
-  load_run<Tin, kSeqTile>(static_cast<const Tin*>(p.delta) + row_off + tok, valid, dscale, dd);
+  fetch_run<Tin, kSeqTile>(static_cast<const Tin*>(p.u) + row_off + tok, valid, tk.u);
+  fetch_run<Tin, kSeqTile>(static_cast<const Tin*>(p.delta) + row_off + tok, valid, tk.d);
+}
+
+// dt (softplus'd, 0 on padding tokens so that they are identity steps) and u of one tile.
+template <typename Tin>
+__device__ __forceinline__ void seq_dt_u(const SeqTok<Tin>& tk, const ScanArgs& p, int tok,
+                                         bool row_ok, float dbias, float uscale, float dscale,
+                                         float (&dt)[kSeqTile], float (&uu)[kSeqTile]) {
+  const int valid = row_ok ? p.seqlen - tok : 0;
 #pragma unroll
   for (int i = 0; i < kSeqTile; ++i) {
-    float v = dd[i] + dbias;
-    if (p.delta_softplus) v = softplus(v);
+    uu[i] = dequant(tk.u[i], uscale);
+    float v = dequant(tk.d[i], dscale) + dbias;
+    if (p.delta_softplus) v = fast_softplus(v);
     dt[i] = i < valid ? v : 0.f;
   }
 }
@@ -318,7 +382,7 @@ __device__ __forceinline__ void seq_tile(float (&h)[kSeqStates], const float (&A
   }
 }
 
-template <typename Tin, typename Tout>
+template <typename Tin, typename Tout, int kIters>
 __global__ void __launch_bounds__(kSeqThreads)
     selective_scan_seq_kernel(const ScanArgs p, int segs, int seg_len) {
   extern __shared__ __align__(16) float sm[];
@@ -349,29 +413,37 @@ __global__ void __launch_bounds__(kSeqThreads)
   const float* Cmine = Cs + seg * kSeqSegStride;
   const int ntiles = seg_len / kSeqTile;
   const int tok0 = seg * seg_len;
+  SeqStage<Tin, kIters> st;
+  SeqTok<Tin> tk;
 
   float h[kSeqStates];
   if (segs > 1) {
-    // pass 1: segment end states from zero, and the segments' sums of dt
+    // pass 1: segment end states from zero, and the segments' sums of dt; the last segment's end
+    // state is only needed from pass 2, so its threads only stage
+    const bool active = seg < segs - 1;
 #pragma unroll
     for (int n = 0; n < kSeqStates; ++n) h[n] = 0.f;
     float sum_dt = 0.f;
+    seq_fetch<Tin, kIters>(st, false, Bb, Cb, N, L, segs, seg_len, 0);
+    if (active) seq_fetch_tok<Tin>(tk, p, row_off, tok0, row_ok);
     for (int tile = 0; tile < ntiles; ++tile) {
-      // the last segment's end state is only needed from pass 2: its threads only stage
-      const bool active = seg < segs - 1;
+      const int tok = tok0 + tile * kSeqTile;
       float dt[kSeqTile], uu[kSeqTile], unused[kSeqTile];
-      if (active)  // issued before the barrier so that these loads overlap the staging
-        seq_load_dt_u<Tin>(p, row_off, tok0 + tile * kSeqTile, row_ok, dbias, uscale, dscale, dt, uu);
-      seq_stage<Tin>(Bs, Cs, false, Bb, Cb, Bscale, Cscale, N, L, segs, seg_len,
-                     tile * kSeqTile);
+      __syncthreads();  // every thread is done reading the previous tile
+      seq_put<Tin, kIters>(Bs, Cs, st, false, Bscale, Cscale, segs);
+      if (active) seq_dt_u<Tin>(tk, p, tok, row_ok, dbias, uscale, dscale, dt, uu);
       __syncthreads();
+      if (tile + 1 < ntiles) {
+        seq_fetch<Tin, kIters>(st, false, Bb, Cb, N, L, segs, seg_len, (tile + 1) * kSeqTile);
+        if (active) seq_fetch_tok<Tin>(tk, p, row_off, tok + kSeqTile, row_ok);
+      }
       if (active) {
         seq_tile<false>(h, A2, dt, uu, Bmine, Cmine, unused);
 #pragma unroll
         for (int i = 0; i < kSeqTile; ++i) sum_dt += dt[i];
       }
-      __syncthreads();
     }
+    __syncthreads();  // the combine reuses the tile memory
     // combine: h_in[s+1] = exp(A * sum_dt[s]) * h_in[s] + h_end[s], h_in[0] = initial state
     float* hend = sm;
     float* hin = hend + kSeqThreads * kSeqStates;
@@ -396,7 +468,7 @@ __global__ void __launch_bounds__(kSeqThreads)
     __syncthreads();
 #pragma unroll
     for (int n = 0; n < kSeqStates; ++n) h[n] = hin[tid * kSeqStates + n];
-    __syncthreads();  // the tiles of pass 2 reuse this memory
+    // (the first tile of pass 2 synchronizes before it overwrites this memory)
   } else {
 #pragma unroll
     for (int n = 0; n < kSeqStates; ++n)
@@ -408,27 +480,32 @@ __global__ void __launch_bounds__(kSeqThreads)
   // pass 2: the scan from the true initial state, producing y
   Tout* yout = static_cast<Tout*>(p.y);
   const Tin* z = static_cast<const Tin*>(p.z);
+  seq_fetch<Tin, kIters>(st, true, Bb, Cb, N, L, segs, seg_len, 0);
+  seq_fetch_tok<Tin>(tk, p, row_off, tok0, row_ok);
   for (int tile = 0; tile < ntiles; ++tile) {
     const int tok = tok0 + tile * kSeqTile;
+    const int valid = row_ok ? L - tok : 0;
     float dt[kSeqTile], uu[kSeqTile], y[kSeqTile];
-    seq_load_dt_u<Tin>(p, row_off, tok, row_ok, dbias, uscale, dscale, dt, uu);
-    seq_stage<Tin>(Bs, Cs, true, Bb, Cb, Bscale, Cscale, N, L, segs, seg_len,
-                   tile * kSeqTile);
+    __syncthreads();  // every thread is done reading the previous tile (or the combine's h_in)
+    seq_put<Tin, kIters>(Bs, Cs, st, true, Bscale, Cscale, segs);
+    seq_dt_u<Tin>(tk, p, tok, row_ok, dbias, uscale, dscale, dt, uu);
     __syncthreads();
+    if (tile + 1 < ntiles) {
+      seq_fetch<Tin, kIters>(st, true, Bb, Cb, N, L, segs, seg_len, (tile + 1) * kSeqTile);
+      seq_fetch_tok<Tin>(tk, p, row_off, tok + kSeqTile, row_ok);
+    }
+    Tin zr[kSeqTile];  // issued before the tile's math so that its latency hides behind it
+    if (z != nullptr) fetch_run<Tin, kSeqTile>(z + row_off + tok, valid, zr);
 #pragma unroll
     for (int i = 0; i < kSeqTile; ++i) y[i] = Dv * uu[i];
     seq_tile<true>(h, A2, dt, uu, Bmine, Cmine, y);
-    const int valid = row_ok ? L - tok : 0;
     if (valid > 0) {
       if (z != nullptr) {
-        float zz[kSeqTile];
-        load_run<Tin, kSeqTile>(z + row_off + tok, valid, zscale, zz);
 #pragma unroll
-        for (int i = 0; i < kSeqTile; ++i) y[i] *= silu(zz[i]);
+        for (int i = 0; i < kSeqTile; ++i) y[i] *= fast_silu(dequant(zr[i], zscale));
       }
       store_run<Tout, kSeqTile>(yout + row_off + tok, valid, y);
     }
-    __syncthreads();
   }
   if (p.final_state != nullptr && seg == segs - 1 && row_ok) {
 #pragma unroll
@@ -469,26 +546,38 @@ int seq_segment_length(int seqlen, int segs) {
   return (per + kSeqTile - 1) / kSeqTile * kSeqTile;
 }
 
-// Segments: the fewest that give about 3 blocks of kSeqThreads per multiprocessor (each extra
-// pass costs work, so no more than needed), without segments made only of padding.
+// Segments: the fewest that give about 2 blocks of kSeqThreads per multiprocessor (>= 15/8; each
+// extra pass costs work, so no more than needed), without segments made only of padding. Measured
+// on an H100 (docs/benchmarks.md): with the tile prefetch, about 2 resident blocks per SM already
+// keep the kernel near its best, and doubling S past that point costs more than it hides.
 int seq_segments(const ScanArgs& a, int sms) {
   const int64_t channels = static_cast<int64_t>(a.batch) * a.dim;
-  const int64_t want = static_cast<int64_t>(sms) * 3 * kSeqThreads;
+  const int64_t want = static_cast<int64_t>(sms) * kSeqThreads * 15 / 8;
   int segs = 1;
   while (segs < kSeqMaxSegs && channels * segs < want) segs *= 2;
   while (segs > 1 && (segs - 1) * seq_segment_length(a.seqlen, segs) >= a.seqlen) segs /= 2;
   return segs;
 }
 
-template <typename Tin, typename Tout>
-cudaError_t launch_seq(const ScanArgs& a, int segs, cudaStream_t stream) {
+template <typename Tin, typename Tout, int kIters>
+cudaError_t launch_seq_iters(const ScanArgs& a, int segs, cudaStream_t stream) {
   const int CH = kSeqThreads / segs;
   const int64_t blocks = static_cast<int64_t>(a.batch) * ((a.dim + CH - 1) / CH);
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
-  selective_scan_seq_kernel<Tin, Tout><<<static_cast<unsigned>(blocks), kSeqThreads,
-                                         seq_smem_bytes(segs), stream>>>(
+  selective_scan_seq_kernel<Tin, Tout, kIters><<<static_cast<unsigned>(blocks), kSeqThreads,
+                                                 seq_smem_bytes(segs), stream>>>(
       a, segs, seq_segment_length(a.seqlen, segs));
   return launch_status();
+}
+
+template <typename Tin, typename Tout>
+cudaError_t launch_seq(const ScanArgs& a, int segs, cudaStream_t stream) {
+  static_assert(seq_stage_iters(kSeqMaxSegs) == 4, "staging instantiations below");
+  switch (seq_stage_iters(segs)) {
+    case 1: return launch_seq_iters<Tin, Tout, 1>(a, segs, stream);
+    case 2: return launch_seq_iters<Tin, Tout, 2>(a, segs, stream);
+    default: return launch_seq_iters<Tin, Tout, 4>(a, segs, stream);
+  }
 }
 
 template <typename Tin, typename Tout>
