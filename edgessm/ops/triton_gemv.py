@@ -12,8 +12,10 @@ Quantized weight formats (all symmetric, no zero point; ``W`` is the float weigh
   x_scale)), -128, 127)`` (in float32, or passed in already as int8), int8 x int8 products summed in
   int32, then ``y = acc * x_scale * scale[n]``.
 
-The GEMM kernels tile M (tokens) by 16 or 64 and N (outputs) by 16..64, and stream K; decode is
-M = batch (1..16), where the kernel is bound by reading the weights once. Every kernel has a
+Decode (M = batch <= 4) runs the GEMV kernels: each program owns a few output rows of one row of x
+and streams them over K in wide tiles, multiplying element-wise and reducing once at the end; the
+step is bound by reading the weights once. Larger M runs the GEMM kernels, which tile M (tokens) by
+16 or 64 and N (outputs) by 16..64 on tensor cores and stream K. Every kernel has a
 float64 reference (``reference_*``) used by the tests. Activations of the A16 kernels are float16
 or bfloat16; outputs are in the activation dtype (float16 for W8A8 with int8 input).
 """
@@ -194,6 +196,84 @@ if triton is not None:
                  mask=mask_m[:, None] & mask_n[None, :])
 
     @triton.jit
+    def _int_to_f32(u):
+        # u int32 in [0, 2**23): float32 with bit pattern 0x4B000000 | u is exactly 2**23 + u; the caller
+        # subtracts 2**23 (plus the offset that undoes the sign flip). This replaces an I2F conversion
+        # per weight (a low-throughput instruction that limits batch-1 decode) with integer ops.
+        return (u | 0x4B000000).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _w8_gemv_kernel(
+        x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, N, K, stride_xm, stride_ym, x_inv_scale, x_scale,
+        A8: tl.constexpr, X_INT8: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        # Decode (few rows of x): program (i, m) owns BLOCK_N output rows of activation row m and
+        # streams them over K in wide tiles; products accumulate element-wise in a 2D register tile and
+        # are reduced across K once at the end (no tensor-core tile padded to 16 rows of x).
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        m = tl.program_id(1)
+        mask_n = rn < N
+        if A8:
+            acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.int32)  # exact int8 x int8 sums
+        else:
+            acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            mask_k = rk < K
+            x = tl.load(x_ptr + m * stride_xm + rk, mask=mask_k, other=0)
+            w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0)
+            if A8:
+                if X_INT8:
+                    xq = x
+                else:
+                    xq = _quantize_a8(x, x_inv_scale)
+                acc += w.to(tl.int32) * xq.to(tl.int32)[None, :]
+            else:
+                # (q ^ 0x80) & 0xFF = q + 128 in [0, 255]
+                wf = _int_to_f32((w.to(tl.int32) ^ 0x80) & 0xFF) - 8388736.0  # 2**23 + 128
+                acc += wf * x.to(tl.float32)[None, :]
+        y = tl.sum(acc, axis=1).to(tl.float32) * tl.load(ws_ptr + rn, mask=mask_n, other=0.0)
+        if A8:
+            y = y * x_scale
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)
+        tl.store(y_ptr + m * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=mask_n)
+
+    @triton.jit
+    def _w4_gemv_kernel(
+        x_ptr, p_ptr, s_ptr, b_ptr, y_ptr, N, K, n_groups, stride_xm, stride_ym,
+        HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
+    ):
+        # Decode (few rows of x): program (i, m) owns BLOCK_N output rows and takes GROUPS whole
+        # quantization groups per K step as a [BLOCK_N, GROUPS, GROUP/2] tile of packed bytes
+        # (contiguous per row), so the group scale is one [BLOCK_N, GROUPS] load broadcast over the
+        # group. Even inputs pair with low nibbles, odd inputs with high nibbles.
+        HALF: tl.constexpr = GROUP // 2
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        m = tl.program_id(1)
+        mask_n = rn < N
+        rh = tl.arange(0, HALF)
+        acc = tl.zeros([BLOCK_N, GROUPS, HALF], dtype=tl.float32)
+        for g0 in range(0, n_groups, GROUPS):
+            rg = g0 + tl.arange(0, GROUPS)
+            mask_g = rg < n_groups
+            xoff = m * stride_xm + rg[:, None] * GROUP + 2 * rh[None, :]
+            x_even = tl.load(x_ptr + xoff, mask=mask_g[:, None], other=0).to(tl.float32)
+            x_odd = tl.load(x_ptr + xoff + 1, mask=mask_g[:, None], other=0).to(tl.float32)
+            mask_ng = mask_n[:, None] & mask_g[None, :]
+            poff = rn[:, None, None] * (K // 2) + rg[None, :, None] * HALF + rh[None, None, :]
+            p = tl.load(p_ptr + poff, mask=mask_ng[:, :, None], other=0).to(tl.int32)
+            s = tl.load(s_ptr + rn[:, None] * n_groups + rg[None, :], mask=mask_ng, other=0.0)
+            u = p ^ 0x88  # each nibble + 8 (two's complement -> offset binary)
+            lo = _int_to_f32(u & 0xF) - 8388616.0  # 2**23 + 8
+            hi = _int_to_f32((u >> 4) & 0xF) - 8388616.0
+            acc += (lo * x_even[None, :, :] + hi * x_odd[None, :, :]) * s[:, :, None]
+        y = tl.sum(tl.sum(acc, axis=2), axis=1)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)
+        tl.store(y_ptr + m * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=mask_n)
+
+    @triton.jit
     def _add_rmsnorm_kernel(
         res_ptr, out_ptr, w_ptr, normed_ptr, D, eps, HAS_OUT: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
@@ -257,6 +337,48 @@ def _launch_common(name: str, x: torch.Tensor, n: int, bias: torch.Tensor | None
 
 _A16 = (torch.float16, torch.bfloat16)
 
+# Up to this many rows of x the element-wise GEMV kernels run (one program column per row, the
+# weights re-read from L2 per row); above it the tensor-core GEMM kernels do.
+_GEMV_MAX_M = 4
+_GEMV_TILE = 4096  # weight elements per program per K step (32 float32 accumulators per thread at 4 warps)
+
+
+def _gemv_block_n(n: int) -> int:
+    """Rows per GEMV program: shrink from 32 until the grid has ~4 programs per SM (enough loads in flight)."""
+    block_n = 32
+    while block_n > 4 and (n + block_n - 1) // block_n < 528:
+        block_n //= 2
+    return block_n
+
+
+def _gemv_out(name: str, x: torch.Tensor, n: int, bias: torch.Tensor | None, out_dtype: torch.dtype,
+              out: torch.Tensor | None) -> torch.Tensor:
+    if bias is not None:
+        _check_param(name, "bias", bias, (n,), bias.dtype, x.device)
+    if out is None:
+        return torch.empty(x.shape[0], n, dtype=out_dtype, device=x.device)
+    _check_param(name, "out", out, (x.shape[0], n), out_dtype, x.device)
+    return out
+
+
+def _launch_w8(name: str, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+               out_dtype: torch.dtype, out: torch.Tensor | None, x_inv_scale: float, x_scale: float, a8: bool) -> torch.Tensor:
+    """Both W8 paths (A16 and A8): the GEMV kernel for decode-sized M, the GEMM kernel otherwise."""
+    n, k = q.shape
+    m = x.shape[0]
+    flags = dict(A8=a8, X_INT8=x.dtype == torch.int8, HAS_BIAS=bias is not None)
+    if m <= _GEMV_MAX_M:
+        y = _gemv_out(name, x, n, bias, out_dtype, out)
+        bn = _gemv_block_n(n)
+        bk = min(_GEMV_TILE // bn, max(triton.next_power_of_2(k), 64))
+        _w8_gemv_kernel[((n + bn - 1) // bn, m)](x, q, scale, bias, y, n, k, x.stride(0), y.stride(0), x_inv_scale,
+                 x_scale, **flags, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+        return y
+    y, bm, bn, grid = _launch_common(name, x, n, bias, out_dtype, out)
+    _w8_kernel[grid](x, q, scale, bias, y, m, n, k, x.stride(0), y.stride(0), x_inv_scale, x_scale,
+             **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=256, num_warps=4, num_stages=3)
+    return y
+
 
 def gemv_w8a16(
     x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None
@@ -267,11 +389,7 @@ def gemv_w8a16(
     _check_param("gemv_w8a16", "q", q, (n, k), torch.int8, x.device)
     _check_param("gemv_w8a16", "scale", scale, (n,), torch.float32, x.device)
     _require_triton()
-    y, bm, bn, grid = _launch_common("gemv_w8a16", x, n, bias, x.dtype, out)
-    _w8_kernel[grid](x, q, scale, bias, y, x.shape[0], n, k, x.stride(0), y.stride(0), 1.0, 1.0,
-             A8=False, X_INT8=False, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=256,
-             num_warps=4, num_stages=3)
-    return y
+    return _launch_w8("gemv_w8a16", x, q, scale, bias, x.dtype, out, 1.0, 1.0, a8=False)
 
 
 def gemv_w8a8(
@@ -288,14 +406,10 @@ def gemv_w8a8(
         raise ValueError(f"gemv_w8a8: x_scale must be positive, got {x_scale}")
     out_dtype = out_dtype or (torch.float16 if x.dtype == torch.int8 else x.dtype)
     _require_triton()
-    y, bm, bn, grid = _launch_common("gemv_w8a8", x, n, bias, out_dtype, out)
     # Both scale factors go in as the float32 values the reference uses.
     xs = float(torch.tensor(x_scale, dtype=torch.float32))
     inv = float(torch.tensor(1.0 / x_scale, dtype=torch.float32))
-    _w8_kernel[grid](x, q, scale, bias, y, x.shape[0], n, k, x.stride(0), y.stride(0), inv, xs,
-             A8=True, X_INT8=x.dtype == torch.int8, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=256,
-             num_warps=4, num_stages=3)
-    return y
+    return _launch_w8("gemv_w8a8", x, q, scale, bias, out_dtype, out, inv, xs, a8=True)
 
 
 def gemv_w4a16(
@@ -314,6 +428,13 @@ def gemv_w4a16(
     if group < 32 or group & (group - 1):
         raise ValueError(f"gemv_w4a16: group size {group} must be a power of two >= 32")
     _require_triton()
+    if x.shape[0] <= _GEMV_MAX_M:
+        y = _gemv_out("gemv_w4a16", x, n, bias, x.dtype, out)
+        bn = _gemv_block_n(n)
+        groups = min(max(_GEMV_TILE // (bn * group), 1), triton.next_power_of_2(k // group))
+        _w4_gemv_kernel[((n + bn - 1) // bn, x.shape[0])](x, packed, scale, bias, y, n, k, k // group, x.stride(0),
+                 y.stride(0), HAS_BIAS=bias is not None, GROUP=group, BLOCK_N=bn, GROUPS=groups, num_warps=4)
+        return y
     y, bm, bn, grid = _launch_common("gemv_w4a16", x, n, bias, x.dtype, out)
     _w4_kernel[grid](x, packed, scale, bias, y, x.shape[0], n, k, x.stride(0), y.stride(0),
              HAS_BIAS=bias is not None, GROUP=group, BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=3)
