@@ -2,7 +2,8 @@
 
 On the CPU (CI): the quantized weight formats, argument errors, BackendUnavailable, and the
 backend's wiring (splits, transposes, state handling, quantized layers) with the CUDA and Triton
-kernels replaced by their torch references, against the reference model.
+kernels replaced by their torch references, against the reference model; where Triton is installed,
+the GEMV kernels in Triton's CPU interpreter against float64.
 On a CUDA GPU (skipped otherwise; tools/gpu_decode_check.sh runs them): every Triton kernel against
 float64, every kernel wrapper against the reference op, and the backend (CUDA graph decode) against
 the reference model: float32 logits rel err < 1e-3 and 32 equal greedy tokens; float16 logits
@@ -12,7 +13,12 @@ within FP16_BOUND; the quantized modes against the model with the same dequantiz
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -263,20 +269,22 @@ def test_quantized_modes_need_half_precision(monkeypatch) -> None:
         CudaBackend(_model("mamba1"), device="cpu", dtype=torch.float32, weights="w8a16", use_graph=False)
 
 
-# ---- GPU: Triton kernels vs float64 --------------------------------------------------------------------
+# ---- Triton kernels vs float64: on the GPU, and in Triton's CPU interpreter -----------------------------
+GEMV_MODES = ["w8a16", "w4a16", "w8a8", "w8a8-int8-in"]
 GEMV_SHAPES = [(1, 1536, 768), (1, 80, 1536), (3, 700, 384), (16, 64, 128), (37, 200, 256)]
+# Small enough for the interpreter: GEMV programs with a partial row block (N = 5, 7; K = 2176 also
+# leaves a partial K tile) and with 4 rows (N = 1100), and the GEMM path (M = 17).
+INTERPRETER_SHAPES = [(2, 5, 2176), (3, 7, 256), (1, 1100, 128), (17, 24, 256)]
+GEMV_BOUND = 1e-3  # float16 output rounding; the sums themselves are float32 / exact int32
 
 
-@needs_gpu
-@needs_triton
-@pytest.mark.parametrize("mode", ["w8a16", "w4a16", "w8a8", "w8a8-int8-in"])
-@pytest.mark.parametrize("shape", GEMV_SHAPES)
-def test_triton_gemv_vs_float64(mode: str, shape: tuple[int, int, int]) -> None:
+def _gemv_rel_err(mode: str, shape: tuple[int, int, int], device: str) -> float:
+    """One Triton GEMV of ``mode`` (biased for odd M) into a NaN-filled ``out``, relative error vs float64."""
     m, n, k = shape
-    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-    w = torch.randn(n, k, device="cuda") * 0.05
-    bias = torch.randn(n, device="cuda") if m % 2 else None
-    out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)
+    x = torch.randn(m, k, device=device, dtype=torch.float16)
+    w = torch.randn(n, k, device=device) * 0.05
+    bias = torch.randn(n, device=device) if m % 2 else None
+    out = torch.full((m, n), float("nan"), device=device, dtype=torch.float16)
     if mode == "w4a16":
         p, s = Q.quantize_w4(w, 128)
         got, ref = Q.gemv_w4a16(x, p, s, bias, out=out), Q.reference_w4a16(x, p, s, bias)
@@ -288,9 +296,49 @@ def test_triton_gemv_vs_float64(mode: str, shape: tuple[int, int, int]) -> None:
             xs = float(x.float().abs().max()) / 127 * 0.7  # saturates the largest inputs on purpose
             xin = Q.quantize_activation(x, xs) if mode.endswith("int8-in") else x
             got, ref = Q.gemv_w8a8(xin, xs, q, s, bias, out=out), Q.reference_w8a8(xin, xs, q, s, bias)
-    torch.cuda.synchronize()
     assert got.data_ptr() == out.data_ptr()
-    assert rel_err(got, ref) < 1e-3  # float16 output rounding; the sums themselves are float32 / exact int32
+    return rel_err(got, ref)
+
+
+@needs_gpu
+@needs_triton
+@pytest.mark.parametrize("mode", GEMV_MODES)
+@pytest.mark.parametrize("shape", GEMV_SHAPES)
+def test_triton_gemv_vs_float64(mode: str, shape: tuple[int, int, int]) -> None:
+    assert _gemv_rel_err(mode, shape, "cuda") < GEMV_BOUND
+
+
+def test_gemv_block_n() -> None:
+    """GEMV programs own 32 output rows for large N and shrink (to 4) until the grid has ~528 programs."""
+    ns = (80, 160, 2048, 8192, 50280)
+    assert [Q._block_n(n, 32, Q._GEMV_MIN_BLOCK_N, Q._GEMV_PROGRAMS) for n in ns] == [4, 4, 4, 8, 32]
+
+
+def _interpreter_runs_scalar_loops() -> bool:
+    """Triton's interpreter before 3.8 turns scalar kernel arguments used as loop bounds into Python
+    ints with int() of a 1-element array, which NumPy 2.4 rejects."""
+    triton_v, numpy_v = (tuple(int(p) for p in v.split(".")[:2]) for v in (Q.triton.__version__, np.__version__))
+    return triton_v >= (3, 8) or numpy_v < (2, 4)
+
+
+@needs_triton
+@pytest.mark.skipif(Q.triton is not None and not _interpreter_runs_scalar_loops(),
+                    reason="Triton < 3.8's interpreter needs NumPy < 2.4")
+def test_triton_gemv_in_interpreter() -> None:
+    """Every GEMV/GEMM kernel on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1, which takes
+    effect when the kernels are defined, hence a fresh process) vs float64."""
+    code = ("import json, torch; from tests.test_cuda_backend import _gemv_rel_err, GEMV_MODES, INTERPRETER_SHAPES;"
+            "torch.manual_seed(0);"
+            "print(json.dumps([[mode, s, _gemv_rel_err(mode, s, 'cpu')] for mode in GEMV_MODES"
+            " for s in INTERPRETER_SHAPES]))")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    errs = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(errs) == len(GEMV_MODES) * len(INTERPRETER_SHAPES)
+    assert all(err < GEMV_BOUND for _, _, err in errs), errs
 
 
 @needs_gpu

@@ -125,10 +125,31 @@ def reference_add_rmsnorm(
 # ---- kernels ---------------------------------------------------------------------------------------------
 if triton is not None:
     @triton.jit
-    def _quantize_a8(x, inv_scale):
-        v = tl.minimum(tl.maximum(x.to(tl.float32) * inv_scale, -128.0), 127.0)
-        # 1.5 * 2**23: (v + M) - M rounds |v| < 2**22 half-to-even in float32 (as torch.round does)
-        return ((v + 12582912.0) - 12582912.0).to(tl.int8)
+    def _a8_input(x, inv_scale, X_INT8: tl.constexpr):
+        """The int8 activations of the W8A8 kernels: x itself when the caller quantized it already."""
+        if X_INT8:
+            xq = x
+        else:
+            v = tl.minimum(tl.maximum(x.to(tl.float32) * inv_scale, -128.0), 127.0)
+            # 1.5 * 2**23: (v + M) - M rounds |v| < 2**22 half-to-even in float32 (as torch.round does)
+            xq = ((v + 12582912.0) - 12582912.0).to(tl.int8)
+        return xq
+
+    @triton.jit
+    def _epilogue(acc, rn, mask_n, y_ptrs, mask_y, ws_ptr, b_ptr, x_scale,
+                  CHANNEL_SCALE: tl.constexpr, A8: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """Every kernel's output: acc [BLOCK_N] (GEMV) or [BLOCK_M, BLOCK_N] (GEMM) over the output
+        channels rn, times the per-channel weight scale (W8; W4 applies its group scales in the K loop)
+        and the activation scale (A8), plus the bias, stored in y's dtype. Rank-1 operands broadcast
+        along the last axis, so one body serves both shapes."""
+        y = acc.to(tl.float32)
+        if CHANNEL_SCALE:
+            y = y * tl.load(ws_ptr + rn, mask=mask_n, other=0.0)
+        if A8:
+            y = y * x_scale
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)
+        tl.store(y_ptrs, y.to(y_ptrs.dtype.element_ty), mask=mask_y)
 
     @triton.jit
     def _w8_kernel(
@@ -149,21 +170,11 @@ if triton is not None:
             x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0)
             w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0)
             if A8:
-                if X_INT8:
-                    xq = x
-                else:
-                    xq = _quantize_a8(x, x_inv_scale)
-                acc += tl.dot(xq, tl.trans(w))
+                acc += tl.dot(_a8_input(x, x_inv_scale, X_INT8), tl.trans(w))
             else:
                 acc += tl.dot(x, tl.trans(w.to(x.dtype)))
-        ws = tl.load(ws_ptr + rn, mask=mask_n, other=0.0)
-        y = acc.to(tl.float32) * ws[None, :]
-        if A8:
-            y = y * x_scale
-        if HAS_BIAS:
-            y += tl.load(b_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], y.to(y_ptr.dtype.element_ty),
-                 mask=mask_m[:, None] & mask_n[None, :])
+        _epilogue(acc, rn, mask_n, y_ptr + rm[:, None] * stride_ym + rn[None, :], mask_m[:, None] & mask_n[None, :],
+                  ws_ptr, b_ptr, x_scale, CHANNEL_SCALE=True, A8=A8, HAS_BIAS=HAS_BIAS)
 
     @triton.jit
     def _w4_kernel(
@@ -190,10 +201,8 @@ if triton is not None:
             part = tl.dot(x_even, tl.trans(lo.to(x_even.dtype))) + tl.dot(x_odd, tl.trans(hi.to(x_odd.dtype)))
             s = tl.load(s_ptr + rn * n_groups + g, mask=mask_n, other=0.0)
             acc += part * s[None, :]
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=mask_m[:, None] & mask_n[None, :])
+        _epilogue(acc, rn, mask_n, y_ptr + rm[:, None] * stride_ym + rn[None, :], mask_m[:, None] & mask_n[None, :],
+                  None, b_ptr, 1.0, CHANNEL_SCALE=False, A8=False, HAS_BIAS=HAS_BIAS)
 
     @triton.jit
     def _int_to_f32(u):
@@ -223,21 +232,13 @@ if triton is not None:
             x = tl.load(x_ptr + m * stride_xm + rk, mask=mask_k, other=0)
             w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0)
             if A8:
-                if X_INT8:
-                    xq = x
-                else:
-                    xq = _quantize_a8(x, x_inv_scale)
-                acc += w.to(tl.int32) * xq.to(tl.int32)[None, :]
+                acc += w.to(tl.int32) * _a8_input(x, x_inv_scale, X_INT8).to(tl.int32)[None, :]
             else:
                 # (q ^ 0x80) & 0xFF = q + 128 in [0, 255]
                 wf = _int_to_f32((w.to(tl.int32) ^ 0x80) & 0xFF) - 8388736.0  # 2**23 + 128
                 acc += wf * x.to(tl.float32)[None, :]
-        y = tl.sum(acc, axis=1).to(tl.float32) * tl.load(ws_ptr + rn, mask=mask_n, other=0.0)
-        if A8:
-            y = y * x_scale
-        if HAS_BIAS:
-            y += tl.load(b_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)
-        tl.store(y_ptr + m * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=mask_n)
+        _epilogue(tl.sum(acc, axis=1), rn, mask_n, y_ptr + m * stride_ym + rn, mask_n, ws_ptr, b_ptr, x_scale,
+                  CHANNEL_SCALE=True, A8=A8, HAS_BIAS=HAS_BIAS)
 
     @triton.jit
     def _w4_gemv_kernel(
@@ -268,10 +269,8 @@ if triton is not None:
             lo = _int_to_f32(u & 0xF) - 8388616.0  # 2**23 + 8
             hi = _int_to_f32((u >> 4) & 0xF) - 8388616.0
             acc += (lo * x_even[None, :, :] + hi * x_odd[None, :, :]) * s[:, :, None]
-        y = tl.sum(tl.sum(acc, axis=2), axis=1)
-        if HAS_BIAS:
-            y += tl.load(b_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)
-        tl.store(y_ptr + m * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=mask_n)
+        _epilogue(tl.sum(tl.sum(acc, axis=2), axis=1), rn, mask_n, y_ptr + m * stride_ym + rn, mask_n, None, b_ptr,
+                  1.0, CHANNEL_SCALE=False, A8=False, HAS_BIAS=HAS_BIAS)
 
     @triton.jit
     def _add_rmsnorm_kernel(
@@ -311,28 +310,35 @@ def _check_param(name: str, what: str, t: torch.Tensor, shape: tuple[int, ...], 
         )
 
 
-def _blocks(m: int, n: int) -> tuple[int, int]:
-    """BLOCK_M covers a decode batch in one tile; BLOCK_N shrinks until the grid has ~2 programs per SM."""
-    block_m = 16 if m <= 16 else 64
-    block_n = 64
-    while block_n > 16 and (n + block_n - 1) // block_n < 264:
+def _block_n(n: int, largest: int, smallest: int, programs: int) -> int:
+    """Output rows per program: halve from ``largest`` (down to ``smallest``) until the grid over N
+    has ``programs`` programs, so that small layers still spread over the SMs."""
+    block_n = largest
+    while block_n > smallest and (n + block_n - 1) // block_n < programs:
         block_n //= 2
-    return block_m, block_n
+    return block_n
 
 
-def _launch_common(name: str, x: torch.Tensor, n: int, bias: torch.Tensor | None, out_dtype: torch.dtype,
-                   out: torch.Tensor | None):
+def _output(name: str, x: torch.Tensor, n: int, bias: torch.Tensor | None, out_dtype: torch.dtype,
+            out: torch.Tensor | None) -> torch.Tensor:
+    """Checks bias and out against x [M, K] and N; returns out, or a new [M, N] output."""
     if bias is not None:
         _check_param(name, "bias", bias, (n,), bias.dtype, x.device)
-    m = x.shape[0]
     if out is None:
-        y = torch.empty(m, n, dtype=out_dtype, device=x.device)
-    else:
-        _check_param(name, "out", out, (m, n), out_dtype, x.device)
-        y = out
-    block_m, block_n = _blocks(m, n)
-    grid = ((n + block_n - 1) // block_n, (m + block_m - 1) // block_m)
-    return y, block_m, block_n, grid
+        return torch.empty(x.shape[0], n, dtype=out_dtype, device=x.device)
+    _check_param(name, "out", out, (x.shape[0], n), out_dtype, x.device)
+    return out
+
+
+def _gemm_setup(name: str, x: torch.Tensor, n: int, bias: torch.Tensor | None, out_dtype: torch.dtype,
+                out: torch.Tensor | None) -> tuple[torch.Tensor, int, int, tuple[int, int]]:
+    """Output, BLOCK_M, BLOCK_N and grid of a GEMM kernel: BLOCK_M covers a decode batch in one tile;
+    BLOCK_N shrinks from 64 to 16 until the grid has ~2 programs per SM."""
+    y = _output(name, x, n, bias, out_dtype, out)
+    m = x.shape[0]
+    block_m = 16 if m <= 16 else 64
+    block_n = _block_n(n, 64, 16, 264)
+    return y, block_m, block_n, ((n + block_n - 1) // block_n, (m + block_m - 1) // block_m)
 
 
 _A16 = (torch.float16, torch.bfloat16)
@@ -341,24 +347,19 @@ _A16 = (torch.float16, torch.bfloat16)
 # weights re-read from L2 per row); above it the tensor-core GEMM kernels do.
 _GEMV_MAX_M = 4
 _GEMV_TILE = 4096  # weight elements per program per K step (32 float32 accumulators per thread at 4 warps)
+_GEMV_PROGRAMS = 528  # ~4 programs per SM on 132 SMs: enough weight loads in flight to stream HBM
+# The fewest output rows a GEMV program may own (the measured configuration, docs/benchmarks.md).
+# Below 4 * 528 outputs this leaves the grid short (at 1.4B: x_proj's 160 outputs run 40 programs);
+# letting W8 go down to one row is written up, not yet measured, in docs/proposals/README.md.
+_GEMV_MIN_BLOCK_N = 4
 
 
-def _gemv_block_n(n: int) -> int:
-    """Rows per GEMV program: shrink from 32 until the grid has ~4 programs per SM (enough loads in flight)."""
-    block_n = 32
-    while block_n > 4 and (n + block_n - 1) // block_n < 528:
-        block_n //= 2
-    return block_n
-
-
-def _gemv_out(name: str, x: torch.Tensor, n: int, bias: torch.Tensor | None, out_dtype: torch.dtype,
-              out: torch.Tensor | None) -> torch.Tensor:
-    if bias is not None:
-        _check_param(name, "bias", bias, (n,), bias.dtype, x.device)
-    if out is None:
-        return torch.empty(x.shape[0], n, dtype=out_dtype, device=x.device)
-    _check_param(name, "out", out, (x.shape[0], n), out_dtype, x.device)
-    return out
+def _gemv_setup(name: str, x: torch.Tensor, n: int, bias: torch.Tensor | None, out_dtype: torch.dtype,
+                out: torch.Tensor | None) -> tuple[torch.Tensor, int, tuple[int, int]]:
+    """Output, BLOCK_N and grid (N blocks x rows of x) of a GEMV kernel: BLOCK_N shrinks from 32 to
+    _GEMV_MIN_BLOCK_N until the grid has ~4 programs per SM."""
+    block_n = _block_n(n, 32, _GEMV_MIN_BLOCK_N, _GEMV_PROGRAMS)
+    return _output(name, x, n, bias, out_dtype, out), block_n, ((n + block_n - 1) // block_n, x.shape[0])
 
 
 def _launch_w8(name: str, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
@@ -368,13 +369,12 @@ def _launch_w8(name: str, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     m = x.shape[0]
     flags = dict(A8=a8, X_INT8=x.dtype == torch.int8, HAS_BIAS=bias is not None)
     if m <= _GEMV_MAX_M:
-        y = _gemv_out(name, x, n, bias, out_dtype, out)
-        bn = _gemv_block_n(n)
-        bk = min(_GEMV_TILE // bn, max(triton.next_power_of_2(k), 64))
-        _w8_gemv_kernel[((n + bn - 1) // bn, m)](x, q, scale, bias, y, n, k, x.stride(0), y.stride(0), x_inv_scale,
+        y, bn, grid = _gemv_setup(name, x, n, bias, out_dtype, out)
+        bk = min(_GEMV_TILE // bn, max(triton.next_power_of_2(k), 64))  # powers of two, as tl.arange needs
+        _w8_gemv_kernel[grid](x, q, scale, bias, y, n, k, x.stride(0), y.stride(0), x_inv_scale,
                  x_scale, **flags, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
         return y
-    y, bm, bn, grid = _launch_common(name, x, n, bias, out_dtype, out)
+    y, bm, bn, grid = _gemm_setup(name, x, n, bias, out_dtype, out)
     _w8_kernel[grid](x, q, scale, bias, y, m, n, k, x.stride(0), y.stride(0), x_inv_scale, x_scale,
              **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=256, num_warps=4, num_stages=3)
     return y
@@ -429,13 +429,12 @@ def gemv_w4a16(
         raise ValueError(f"gemv_w4a16: group size {group} must be a power of two >= 32")
     _require_triton()
     if x.shape[0] <= _GEMV_MAX_M:
-        y = _gemv_out("gemv_w4a16", x, n, bias, x.dtype, out)
-        bn = _gemv_block_n(n)
+        y, bn, grid = _gemv_setup("gemv_w4a16", x, n, bias, x.dtype, out)
         groups = min(max(_GEMV_TILE // (bn * group), 1), triton.next_power_of_2(k // group))
-        _w4_gemv_kernel[((n + bn - 1) // bn, x.shape[0])](x, packed, scale, bias, y, n, k, k // group, x.stride(0),
+        _w4_gemv_kernel[grid](x, packed, scale, bias, y, n, k, k // group, x.stride(0),
                  y.stride(0), HAS_BIAS=bias is not None, GROUP=group, BLOCK_N=bn, GROUPS=groups, num_warps=4)
         return y
-    y, bm, bn, grid = _launch_common("gemv_w4a16", x, n, bias, x.dtype, out)
+    y, bm, bn, grid = _gemm_setup("gemv_w4a16", x, n, bias, x.dtype, out)
     _w4_kernel[grid](x, packed, scale, bias, y, x.shape[0], n, k, x.stride(0), y.stride(0),
              HAS_BIAS=bias is not None, GROUP=group, BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=3)
     return y

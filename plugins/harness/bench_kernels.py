@@ -33,8 +33,12 @@ log = logging.getLogger("bench_kernels")
 L2_ROTATE_BYTES = 200 * 2**20  # working set spanned by the rotated input copies (> 3x H100 L2)
 EAGER_REPS = 3
 # Prefill-scan variants timed (essm_tuning_set_scan_variant): (variant, segments) -> label.
+# SFU softplus/SiLU of 3 and with the mixed ones (docs/kernels.md).
 SCAN_VARIANTS = {(0, 0): "auto", (1, 0): "chunked/r1", (2, 0): "chunked/r2", (3, 1): "seq/S1", (3, 2): "seq/S2",
                  (3, 4): "seq/S4", (3, 8): "seq/S8", (3, 16): "seq/S16", (3, 32): "seq/S32"}
+
+# SSD prefill forms timed (essm_tuning_set_ssd_variant) -> label; "auto" is the chunked form for f16 output.
+SSD_VARIANTS = {0: "auto", 1: "direct"}
 
 
 @dataclass
@@ -235,8 +239,13 @@ class Bench:
             run(0)
             torch.cuda.synchronize()
             note = f"vs eager rel.err {rel_err(s0['y'], ref):.1e}"
-        ms = time_ms(run, self.reps, min(3, self.warmup))
-        self.add("ssd_prefill", config, dname, "kernel", ms, nbytes, eager, note)
+        for variant, label in SSD_VARIANTS.items():
+            self.lib.set_ssd_variant(variant)
+            try:
+                ms = time_ms(run, self.reps, min(3, self.warmup))
+            finally:
+                self.lib.set_ssd_variant(0)
+            self.add("ssd_prefill", config, dname, label, ms, nbytes, eager, note)
 
     # ---- Hadamard -------------------------------------------------------------------------------
     def hadamard(self, rows: int, m: int, logk: int, quantize: bool) -> None:
@@ -357,6 +366,8 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=50, help="timed repetitions per measurement")
     parser.add_argument("--profile", action="store_true",
                         help="launch each headline kernel once (prefill scan, SSD, Hadamard) for ncu")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated sections to time (scan, state_update, ssd, hadamard); default all")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     if not torch.cuda.is_available():
@@ -370,22 +381,25 @@ def main() -> int:
         bench.hadamard(4096, 1, 12, False)
         bench.hadamard(4096, 12, 7, False)
         return 0
-    jobs: list[Callable[[], None]] = []
+    jobs: list[tuple[str, Callable[[], None]]] = []
     for in_dt in (ESSM_F16, ESSM_I8):
         for b, d in ((1, 1536), (8, 1536), (1, 4096), (8, 4096)):
-            jobs.append(lambda b=b, d=d, i=in_dt: bench.scan(b, d, 16, 2048, i))
+            jobs.append(("scan", lambda b=b, d=d, i=in_dt: bench.scan(b, d, 16, 2048, i)))
     for in_dt in (ESSM_F16, ESSM_I8):
         for b in (1, 8):
-            jobs.append(lambda b=b, i=in_dt: bench.state_update("130M", b, 1536, 16, 24, i))
-            jobs.append(lambda b=b, i=in_dt: bench.state_update("1.4B", b, 4096, 16, 48, i))
+            jobs.append(("state_update", lambda b=b, i=in_dt: bench.state_update("130M", b, 1536, 16, 24, i)))
+            jobs.append(("state_update", lambda b=b, i=in_dt: bench.state_update("1.4B", b, 4096, 16, 48, i)))
     for in_dt in (ESSM_F16, ESSM_I8):
         for b, h in ((1, 24), (1, 64), (4, 64)):
-            jobs.append(lambda b=b, h=h, i=in_dt: bench.ssd(b, 2048, h, 64, 1, 128, i))
+            jobs.append(("ssd", lambda b=b, h=h, i=in_dt: bench.ssd(b, 2048, h, 64, 1, 128, i)))
     for m, logk in ((1, 12), (12, 7), (20, 8), (1, 13), (40, 9), (1, 15)):
         for quantize in (False, True):
-            jobs.append(lambda m=m, k=logk, q=quantize: bench.hadamard(4096 if (m << k) <= 8192 else 1024, m, k, q))
+            jobs.append(("hadamard", lambda m=m, k=logk, q=quantize:
+                         bench.hadamard(4096 if (m << k) <= 8192 else 1024, m, k, q)))
+    only = set(args.only.split(",")) if args.only else None
+    jobs = [(label, job) for label, job in jobs if only is None or label in only]
     failures = 0
-    for job in jobs:
+    for _label, job in jobs:
         try:
             job()
         except Exception:  # noqa: BLE001 - report and go on with the other measurements

@@ -347,7 +347,8 @@ class Checker:
         torch.cuda.synchronize()
 
 
-def run_all(chk: Checker) -> None:
+def run_all(chk: Checker, only: set[str] | None = None) -> None:
+    """Run every case, or only those whose label (conv, scan, ssd, hadamard, ...) is in `only`."""
     cases: list[tuple[str, Callable[[], None]]] = []
     add = cases.append
     for io in FLOAT_IO:
@@ -378,6 +379,7 @@ def run_all(chk: Checker) -> None:
         ssd_cases = [
             (2, 100, 4, 32, 1, 16, False, False), (1, 7, 6, 48, 2, 64, True, True), (1, 1, 2, 64, 2, 128, True, False),
             (1, 300, 4, 64, 2, 256, False, True), (2, 37, 4, 128, 4, 128, True, False),
+            (1, 1000, 3, 64, 1, 128, True, False), (1, 70, 2, 20, 1, 32, True, True),
         ]
         for (b, l, h, p, g, n, init, clamp) in ssd_cases:
             add(("ssd", lambda b=b, l=l, h=h, p=p, g=g, n=n, init=init, clamp=clamp, i=in_dt, o=out_dt:
@@ -396,6 +398,8 @@ def run_all(chk: Checker) -> None:
             add(("hadamard_i8", lambda r=r, m=m, k=k, io=io: chk.hadamard(r, m, k, io, quantize=True)))
     add(("rejections", chk.rejections))
     for label, fn in cases:
+        if only is not None and label not in only:
+            continue
         try:
             fn()
         except Exception as exc:  # noqa: BLE001 - a crashing case is a failed check, the rest still run
@@ -427,6 +431,9 @@ def main() -> int:
     parser.add_argument("--lib", default=None, help="path of libedgessm_kernels.so")
     parser.add_argument("--seed", type=int, default=None, help="RNG seed (default: fresh)")
     parser.add_argument("--json", type=Path, default=None, help="write all results here")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated case labels to run (conv, conv_update, scan, state_update, ssd, "
+                             "ssd_update, hadamard, hadamard_i8, rejections); default all")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     if not torch.cuda.is_available():
@@ -436,7 +443,7 @@ def main() -> int:
     lib = KernelLib(args.lib)
     log.info("library %s, device %s, seed %d", lib.path, torch.cuda.get_device_name(), seed)
     chk = Checker(lib, seed)
-    run_all(chk)
+    run_all(chk, set(args.only.split(",")) if args.only else None)
     print_table(chk.results)
     if args.json is not None:
         write_json_atomic(args.json, dict(seed=seed, device=torch.cuda.get_device_name(),

@@ -89,6 +89,7 @@ _SIGNATURES: dict[str, list[Any]] = {
                               ctypes.POINTER(SsdScales), _P, _P, _I, _I, _I, _I, _I, _P],
     "essm_hadamard_transform": [_I, _I, _P, _P, _I, _F, _F, _P, _I64, _I, _P],
     "essm_tuning_set_scan_variant": [_I, _I],
+    "essm_tuning_set_ssd_variant": [_I],
 }
 
 
@@ -131,3 +132,8 @@ class KernelLib:
         with 1/2 channels per thread, 3 segmented sequential scan (dstate <= 16) with `segments`
         time segments (a power of two <= 32; 0 = heuristic). Returns the variant in force."""
         return int(self._lib.essm_tuning_set_scan_variant(variant, segments))
+
+    def set_ssd_variant(self, variant: int) -> int:
+        """Force the SSD prefill form (ssd.cu): 0 by output dtype (chunked tensor-core form for 16-bit
+        outputs, direct recurrence for float32), 1 direct recurrence always. Returns the variant in force."""
+        return int(self._lib.essm_tuning_set_ssd_variant(variant))

@@ -1,11 +1,24 @@
 // Mamba-2 SSD scan (prefill) and state update (decode), token-major layout, float and int8 x/B/C.
 //
-// Prefill design (see docs/kernels.md): the recurrence is run directly (no chunked matmuls). One
-// block owns one (batch, head) and a tile of kSsdRows headdim rows; thread (row p, state group g)
-// keeps the 16 states n in [16g, 16g+16) of row p in registers. The block stages a tile of tokens
-// of B and C (dequantized, float) in shared memory; their global loads are 16-byte vectors issued
-// one tile ahead (register double buffering) so their latency overlaps the current tile's work.
-// The per-group partial y sums are reduced through shared memory once per tile.
+// Prefill has two forms (see docs/kernels.md):
+// - chunked, on tensor cores (16-bit outputs): each block walks the sequence of one (batch, head,
+//   32-column headdim tile) in chunks of 64 tokens, keeping the chunk-start state in shared memory.
+//   Per chunk, with cum = the inclusive cumsum of dt*A inside the chunk:
+//     y     = ((C B^T) o exp(cum_t - cum_s) dt_s [s <= t]) x + exp(cum_t) C S + D x
+//     S_end = exp(cum_end) S + B^T (x dt exp(cum_end - cum_t))
+//   as WMMA products with fp32 accumulation. Output-only operands (the masked C B^T matrix, the
+//   state copy for C S) are rounded to the 16-bit type; the state update keeps fp32 accuracy (its
+//   scaled x operand is split into a 16-bit high and low part, two products), so final states
+//   match the direct form to ~1e-6.
+// - direct (float32 outputs, which ask for float32 accuracy): the recurrence run token by token.
+//   One block owns one (batch, head) and a tile of kSsdRows headdim rows; thread (row p, state
+//   group g) keeps the 16 states n in [16g, 16g+16) of row p in registers. The block stages a
+//   tile of tokens of B and C (dequantized, float) in shared memory; their global loads are
+//   16-byte vectors issued one tile ahead (register double buffering) so their latency overlaps
+//   the current tile's work. The per-group partial y sums are reduced through shared memory once
+//   per tile.
+#include <mma.h>
+
 #include "common.cuh"
 
 namespace essm {
@@ -211,6 +224,331 @@ __global__ void __launch_bounds__(kSsdMaxState / kSsdStates * kSsdRows)
   }
 }
 
+// ---- chunked form on tensor cores ------------------------------------------------------------
+constexpr int kChunk = 64;          // tokens per chunk
+constexpr int kColTile = 32;        // headdim columns per block
+constexpr int kChunkThreads = 256;  // 8 warps
+constexpr int kChunkWarps = kChunkThreads / 32;
+constexpr int kWm = 16;             // WMMA tile edge (m16n16k16)
+constexpr int kRowBlocks = kChunk / kWm, kColBlocks = kColTile / kWm;
+static_assert(kRowBlocks * kColBlocks == kChunkWarps, "one output tile of y per warp");
+
+// 16-bit operand type of the products: bf16 for bf16 inputs, fp16 otherwise (int8 is exact in it).
+template <typename Tin>
+using MmaType = typename std::conditional<std::is_same<Tin, __nv_bfloat16>::value, __nv_bfloat16,
+                                          __half>::type;
+
+// Shared-memory layout of the chunked kernel. Leading dimensions are padded by 16 bytes against
+// bank conflicts; every region starts on a 128-byte boundary (WMMA and cp.async need 32 / 16).
+// The raw tiles (C, B, x as stored in global memory) are the product operands when the input is
+// already 16-bit; int8 inputs are converted into separate fp16 operand tiles.
+struct ChunkSmem {
+  int ldN, ldP, ldNr, ldPr, ldQ = kChunk + 8, ldPf = kColTile + 4, ldG = kChunk + 4;
+  size_t Craw, Braw, xraw, C, B, x, xhi, xlo, M, G, S, Sh, vec, bytes;
+
+  __host__ __device__ static size_t take(size_t& off, size_t n) {
+    const size_t at = off;
+    off += (n + 127) / 128 * 128;
+    return at;
+  }
+
+  __host__ __device__ ChunkSmem(int N, int in_bytes)
+      : ldN(N + 8), ldP(kColTile + 8), ldNr(N + 16 / in_bytes), ldPr(kColTile + 16 / in_bytes) {
+    size_t off = 0;
+    Craw = take(off, static_cast<size_t>(in_bytes) * kChunk * ldNr);
+    Braw = take(off, static_cast<size_t>(in_bytes) * kChunk * ldNr);
+    xraw = take(off, static_cast<size_t>(in_bytes) * kChunk * ldPr);
+    if (in_bytes == 2) {
+      C = Craw, B = Braw, x = xraw;
+    } else {
+      C = take(off, 2 * kChunk * ldN);
+      B = take(off, 2 * kChunk * ldN);
+      x = take(off, 2 * kChunk * ldP);
+    }
+    xhi = take(off, 2 * kChunk * ldP);
+    xlo = take(off, 2 * kChunk * ldP);
+    M = take(off, 2 * kChunk * ldQ);
+    // G = C B^T (fp32) is dead once M is built; the two output products Y1, Y2 then reuse it.
+    const size_t g_floats = kChunk * ldG, y_floats = 2 * kChunk * ldPf;
+    G = take(off, 4 * (g_floats > y_floats ? g_floats : y_floats));
+    S = take(off, 4 * static_cast<size_t>(N) * ldPf);
+    Sh = take(off, 2 * static_cast<size_t>(N) * ldP);
+    vec = take(off, 4 * 4 * kChunk);  // dt, cum, exp(cum), exp(cum_end - cum)
+    bytes = off;
+  }
+};
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(src_bytes));
+}
+
+// Copies the kChunk x width tile src[r * row_stride + c] (r < rows, c < cols; zero elsewhere) to
+// dst[r * ld + c] in raw form: with `async`, as 16-byte cp.async copies (all in flight at once;
+// the caller commits and waits), else with ordinary loads (any alignment). Consecutive threads
+// take consecutive 16-byte words of the flattened tile: every lane of a warp issues a copy (a
+// row-per-warp split left half the lanes idle at dstate 128 and was 20% slower end to end on an
+// H100, docs/benchmarks.md).
+template <typename Tin>
+__device__ __forceinline__ void fetch_chunk_tile(Tin* dst, int ld, const Tin* src, int64_t row_stride,
+                                                 int rows, int width, int cols, bool async) {
+  constexpr int V = 16 / sizeof(Tin);
+  const int per_row = width / V;
+  for (int i = threadIdx.x; i < kChunk * per_row; i += kChunkThreads) {
+    const int r = i / per_row, c = (i % per_row) * V;
+    const int valid = r < rows ? min(max(cols - c, 0), V) : 0;
+    const Tin* from = valid > 0 ? src + r * row_stride + c : src;
+    if (async) {
+      cp_async16(dst + r * ld + c, from, valid * static_cast<int>(sizeof(Tin)));
+    } else {
+      Tin e[V];
+      fetch_run<Tin, V>(from, valid, e);
+      memcpy(dst + r * ld + c, e, 16);
+    }
+  }
+}
+
+// int8 raw tile -> fp16 operand tile (exact), 4 elements per step, rows by warp as above.
+__device__ __forceinline__ void widen_chunk_tile(__half* dst, int ld, const int8_t* src, int ld_src,
+                                                 int width) {
+  const int lane = threadIdx.x & 31;
+  for (int r = threadIdx.x >> 5; r < kChunk; r += kChunkThreads / 32) {
+    for (int c = lane * 4; c < width; c += 128) {
+      const char4 v = *reinterpret_cast<const char4*>(src + r * ld_src + c);
+      __half2* d = reinterpret_cast<__half2*>(dst + r * ld + c);
+      d[0] = __halves2half2(__int2half_rn(v.x), __int2half_rn(v.y));
+      d[1] = __halves2half2(__int2half_rn(v.z), __int2half_rn(v.w));
+    }
+  }
+}
+
+// The causal blocks (rb, cb <= rb) of the kChunk x kChunk product, numbered row by row.
+__device__ __forceinline__ void causal_block(int i, int& rb, int& cb) {
+  rb = 0;
+  while (i > rb) i -= ++rb;
+  cb = i;
+}
+
+// acc += sum_k A_k B_k over k < kblocks, with the 16x16 operand tiles A_k at a + k * a_step and B_k
+// at b + k * b_step (FragA / FragB carry the operands' layouts).
+template <typename FragA, typename FragB, typename FragC, typename Tm>
+__device__ __forceinline__ void mma_k(FragC& acc, const Tm* a, int lda, int a_step, const Tm* b, int ldb,
+                                      int b_step, int kblocks) {
+#pragma unroll 2
+  for (int k = 0; k < kblocks; ++k) {
+    FragA fa;
+    FragB fb;
+    nvcuda::wmma::load_matrix_sync(fa, a + k * a_step, lda);
+    nvcuda::wmma::load_matrix_sync(fb, b + k * b_step, ldb);
+    nvcuda::wmma::mma_sync(acc, fa, fb, acc);
+  }
+}
+
+template <typename Tin, typename Tout>
+__global__ void __launch_bounds__(kChunkThreads)
+    ssd_chunked_kernel(const SsdArgs p, int ptiles, bool async) {
+  using namespace nvcuda;
+  using Tm = MmaType<Tin>;
+  using FragA = wmma::fragment<wmma::matrix_a, kWm, kWm, kWm, Tm, wmma::row_major>;
+  using FragAt = wmma::fragment<wmma::matrix_a, kWm, kWm, kWm, Tm, wmma::col_major>;
+  using FragB = wmma::fragment<wmma::matrix_b, kWm, kWm, kWm, Tm, wmma::row_major>;
+  using FragBt = wmma::fragment<wmma::matrix_b, kWm, kWm, kWm, Tm, wmma::col_major>;
+  using FragC = wmma::fragment<wmma::accumulator, kWm, kWm, kWm, float>;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const int N = p.dstate, L = p.seqlen, H = p.nheads, P = p.headdim, G = p.ngroups;
+  const ChunkSmem lay(N, sizeof(Tin));
+  Tin* Craw = reinterpret_cast<Tin*>(smem_raw + lay.Craw);
+  Tin* Braw = reinterpret_cast<Tin*>(smem_raw + lay.Braw);
+  Tin* xraw = reinterpret_cast<Tin*>(smem_raw + lay.xraw);
+  Tm* Cs = reinterpret_cast<Tm*>(smem_raw + lay.C);
+  Tm* Bs = reinterpret_cast<Tm*>(smem_raw + lay.B);
+  Tm* xs = reinterpret_cast<Tm*>(smem_raw + lay.x);
+  Tm* xhi = reinterpret_cast<Tm*>(smem_raw + lay.xhi);
+  Tm* xlo = reinterpret_cast<Tm*>(smem_raw + lay.xlo);
+  Tm* Ms = reinterpret_cast<Tm*>(smem_raw + lay.M);
+  float* Gs = reinterpret_cast<float*>(smem_raw + lay.G);
+  float* Y1 = Gs;
+  float* Y2 = Gs + kChunk * lay.ldPf;
+  float* Sf = reinterpret_cast<float*>(smem_raw + lay.S);
+  Tm* Sh = reinterpret_cast<Tm*>(smem_raw + lay.Sh);
+  float* dts = reinterpret_cast<float*>(smem_raw + lay.vec);
+  float* cum = dts + kChunk;
+  float* e_out = cum + kChunk;  // exp(cum_t): decay of the chunk-start state to token t
+  float* e_in = e_out + kChunk;  // exp(cum_end - cum_t): decay of token t's input to the chunk end
+
+  const int ptile = blockIdx.x % ptiles;
+  const int bh = blockIdx.x / ptiles;
+  const int h = bh % H, b = bh / H;
+  const int g = h / (H / G);
+  const int p0 = ptile * kColTile;
+  const int pcols = min(kColTile, P - p0);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int nblk = N / kWm;
+
+  const float Ah = p.A[h];
+  const float bias = p.dt_bias != nullptr ? p.dt_bias[h] : 0.f;
+  const float Dh = p.Dskip != nullptr ? p.Dskip[h] : 0.f;
+  const float Bsc = p.B_scale != nullptr ? p.B_scale[g] : 1.f;
+  const float Csc = p.C_scale != nullptr ? p.C_scale[g] : 1.f;
+  const Tout* dtp = static_cast<const Tout*>(p.dt);
+  Tout* y = static_cast<Tout*>(p.y);
+  const int64_t x_stride = static_cast<int64_t>(H) * P, bc_stride = static_cast<int64_t>(G) * N;
+  const int64_t state_base = (static_cast<int64_t>(b) * H + h) * P;  // row (b, h, p = 0)
+  // this thread's column of the elementwise phases (kColTile divides kChunkThreads) and its scale
+  const int my_c = tid % kColTile;
+  const float my_xsc =
+      (p.x_scale != nullptr && my_c < pcols) ? p.x_scale[h * P + p0 + my_c] : 1.f;
+
+  // the chunk-start state S [N][kColTile] (fp32) and its 16-bit copy for the C S product
+  for (int i = tid; i < N * kColTile; i += kChunkThreads) {
+    const int c = i / N, n = i % N;  // n fastest: coalesced reads of initial_state rows
+    const float v = (p.initial_state != nullptr && c < pcols)
+                        ? p.initial_state[(state_base + p0 + c) * N + n]
+                        : 0.f;
+    Sf[n * lay.ldPf + c] = v;
+    Sh[n * lay.ldP + c] = from_float<Tm>(v);
+  }
+
+  // raw dt of token `chunk_start + tid` (threads tid < kChunk), loaded one chunk ahead
+  auto next_dt = [&](int chunk_start) {
+    const int t = chunk_start + tid;
+    return t < L ? to_float(dtp[(static_cast<int64_t>(b) * L + t) * H + h]) : 0.f;
+  };
+  float dt_raw = tid < kChunk ? next_dt(0) : 0.f;
+
+  for (int c0 = 0; c0 < L; c0 += kChunk) {
+    const int rows = min(kChunk, L - c0);
+    __syncthreads();  // the previous chunk is done with every staged operand and with Y1/Y2
+    // ---- stage C, B, x and dt (padding tokens: dt = 0 and zero operands, an identity step)
+    const int64_t tok0 = static_cast<int64_t>(b) * L + c0;
+    const int64_t bc0 = tok0 * bc_stride + static_cast<int64_t>(g) * N;
+    fetch_chunk_tile<Tin>(Craw, lay.ldNr, static_cast<const Tin*>(p.Cm) + bc0, bc_stride, rows, N, N,
+                          async);
+    fetch_chunk_tile<Tin>(Braw, lay.ldNr, static_cast<const Tin*>(p.Bm) + bc0, bc_stride, rows, N, N,
+                          async);
+    fetch_chunk_tile<Tin>(xraw, lay.ldPr,
+                          static_cast<const Tin*>(p.x) + tok0 * x_stride + static_cast<int64_t>(h) * P + p0,
+                          x_stride, rows, kColTile, pcols, async);
+    if (async) asm volatile("cp.async.commit_group;\n" ::);
+    if (tid < kChunk) {
+      dts[tid] = tid < rows ? ssd_dt(dt_raw, bias, p.dt_softplus, p.dt_min, p.dt_max) : 0.f;
+      dt_raw = next_dt(c0 + kChunk);  // consumed by the next chunk: its latency hides behind this one
+    }
+    if (async) asm volatile("cp.async.wait_group 0;\n" ::);
+    __syncthreads();
+    if constexpr (std::is_same<Tin, int8_t>::value) {
+      widen_chunk_tile(Cs, lay.ldN, Craw, lay.ldNr, N);
+      widen_chunk_tile(Bs, lay.ldN, Braw, lay.ldNr, N);
+      widen_chunk_tile(xs, lay.ldP, xraw, lay.ldPr, kColTile);
+      __syncthreads();
+    }
+
+    // ---- warp 0: cum = inclusive cumsum of dt*A (two tokens per lane) and its exponentials;
+    // meanwhile the other warps compute G = C B^T on the causal blocks (cb <= rb; the mask
+    // zeroes the rest).
+    if (warp == 0) {
+      const float a0 = dts[2 * lane] * Ah, a1 = dts[2 * lane + 1] * Ah;
+      float incl = a0 + a1;
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const float o = __shfl_up_sync(0xffffffffu, incl, off);
+        if (lane >= off) incl += o;
+      }
+      const float c_a = incl - a1, c_b = incl;
+      const float c_end = __shfl_sync(0xffffffffu, incl, 31);
+      cum[2 * lane] = c_a;
+      cum[2 * lane + 1] = c_b;
+      e_out[2 * lane] = expf(c_a);
+      e_out[2 * lane + 1] = expf(c_b);
+      e_in[2 * lane] = expf(c_end - c_a);
+      e_in[2 * lane + 1] = expf(c_end - c_b);
+    } else {
+      for (int i = warp - 1; i < kRowBlocks * (kRowBlocks + 1) / 2; i += kChunkWarps - 1) {
+        int rb, cb;
+        causal_block(i, rb, cb);
+        FragC acc;
+        wmma::fill_fragment(acc, 0.f);
+        mma_k<FragA, FragBt>(acc, Cs + rb * kWm * lay.ldN, lay.ldN, kWm, Bs + cb * kWm * lay.ldN, lay.ldN,
+                             kWm, nblk);
+        wmma::store_matrix_sync(Gs + rb * kWm * lay.ldG + cb * kWm, acc, lay.ldG, wmma::mem_row_major);
+      }
+    }
+    __syncthreads();
+
+    // ---- M = G o exp(cum_t - cum_s) dt_s [s <= t] (output-only: 16-bit), and the state
+    // operand x_t dt_t exp(cum_end - cum_t) (true scale) split into 16-bit high + low parts
+    const float bc_scale = Bsc * Csc;
+    for (int i = tid; i < kChunk * kChunk; i += kChunkThreads) {
+      const int t = i / kChunk, s = i % kChunk;
+      const float m = s <= t ? Gs[t * lay.ldG + s] * bc_scale * __expf(cum[t] - cum[s]) * dts[s] : 0.f;
+      Ms[t * lay.ldQ + s] = from_float<Tm>(m);
+    }
+    for (int t = tid / kColTile; t < kChunk; t += kChunkThreads / kColTile) {
+      const float v = to_float(xs[t * lay.ldP + my_c]) * my_xsc * dts[t] * e_in[t] * Bsc;
+      const Tm hi = from_float<Tm>(v);
+      xhi[t * lay.ldP + my_c] = hi;
+      xlo[t * lay.ldP + my_c] = from_float<Tm>(v - to_float(hi));
+    }
+    __syncthreads();
+
+    // ---- one 16x16 tile of Y1 = M x (causal: k blocks <= rb) and of Y2 = C S per warp
+    {
+      const int rb = warp / kColBlocks, cb = warp % kColBlocks;
+      FragC a1, a2;
+      wmma::fill_fragment(a1, 0.f);
+      wmma::fill_fragment(a2, 0.f);
+      mma_k<FragA, FragB>(a1, Ms + rb * kWm * lay.ldQ, lay.ldQ, kWm, xs + cb * kWm, lay.ldP,
+                          kWm * lay.ldP, rb + 1);
+      mma_k<FragA, FragB>(a2, Cs + rb * kWm * lay.ldN, lay.ldN, kWm, Sh + cb * kWm, lay.ldP,
+                          kWm * lay.ldP, nblk);
+      // Y1/Y2 alias G: every warp finished reading G before the barrier above
+      wmma::store_matrix_sync(Y1 + rb * kWm * lay.ldPf + cb * kWm, a1, lay.ldPf, wmma::mem_row_major);
+      wmma::store_matrix_sync(Y2 + rb * kWm * lay.ldPf + cb * kWm, a2, lay.ldPf, wmma::mem_row_major);
+    }
+    __syncthreads();
+
+    // ---- output: y = x_scale Y1 + C_scale exp(cum_t) Y2 + D x
+    if (my_c < pcols) {
+      for (int t = tid / kColTile; t < rows; t += kChunkThreads / kColTile) {
+        const float xv = to_float(xs[t * lay.ldP + my_c]) * my_xsc;
+        const float out = fmaf(my_xsc, Y1[t * lay.ldPf + my_c],
+                               fmaf(Csc * e_out[t], Y2[t * lay.ldPf + my_c], Dh * xv));
+        y[(tok0 + t) * x_stride + static_cast<int64_t>(h) * P + p0 + my_c] = from_float<Tout>(out);
+      }
+    }
+
+    // ---- state: S <- exp(cum_end) S + B^T (x_hi + x_lo). Each warp owns whole 16x16 tiles of S:
+    // it rescales, updates and re-rounds only its own tiles, so no block barrier is needed.
+    const float decay_end = e_out[kChunk - 1];
+    for (int i = warp; i < nblk * kColBlocks; i += kChunkWarps) {
+      const int rb = i / kColBlocks, cb = i % kColBlocks;
+      float* tile = Sf + rb * kWm * lay.ldPf + cb * kWm;
+      for (int e = lane; e < kWm * kWm; e += 32) tile[(e / kWm) * lay.ldPf + e % kWm] *= decay_end;
+      __syncwarp();
+      FragC acc;
+      wmma::load_matrix_sync(acc, tile, lay.ldPf, wmma::mem_row_major);
+      // B^T (col-major view of Bs: element (n, t) is Bs[t][n]) times the high and the low part
+      mma_k<FragAt, FragB>(acc, Bs + rb * kWm, lay.ldN, kWm * lay.ldN, xhi + cb * kWm, lay.ldP,
+                           kWm * lay.ldP, kRowBlocks);
+      mma_k<FragAt, FragB>(acc, Bs + rb * kWm, lay.ldN, kWm * lay.ldN, xlo + cb * kWm, lay.ldP,
+                           kWm * lay.ldP, kRowBlocks);
+      wmma::store_matrix_sync(tile, acc, lay.ldPf, wmma::mem_row_major);
+      __syncwarp();
+      for (int e = lane; e < kWm * kWm; e += 32) {
+        const int r = rb * kWm + e / kWm, c = cb * kWm + e % kWm;
+        Sh[r * lay.ldP + c] = from_float<Tm>(Sf[r * lay.ldPf + c]);
+      }
+    }
+  }
+  __syncthreads();
+  if (p.final_state != nullptr) {
+    for (int i = tid; i < N * pcols; i += kChunkThreads) {
+      const int c = i / N, n = i % N;
+      p.final_state[(state_base + p0 + c) * N + n] = Sf[n * lay.ldPf + c];
+    }
+  }
+}
+
 // ---- decode: one (batch, head, headdim row) per `lanes` lanes, like the Mamba-1 update ----
 constexpr int kSsdDecodeThreads = 128;
 
@@ -252,6 +590,38 @@ __global__ void __launch_bounds__(kSsdDecodeThreads)
     const float out = acc + (p.Dskip != nullptr ? p.Dskip[h] : 0.f) * xv;
     static_cast<Tout*>(p.y)[rr] = from_float<Tout>(out);
   }
+}
+
+// Benchmark/tuning override (essm_tuning_set_ssd_variant): 0 = by output dtype, 1 = direct.
+int g_ssd_variant = 0;
+
+template <typename Tin, typename Tout>
+cudaError_t launch_ssd_direct(const SsdArgs& a, cudaStream_t stream) {
+  const int ptiles = (a.headdim + kSsdRows - 1) / kSsdRows;
+  const int64_t blocks = static_cast<int64_t>(a.batch) * a.nheads * ptiles;
+  if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
+  const int threads = a.dstate / kSsdStates * kSsdRows;
+  ssd_scan_fwd_kernel<Tin, Tout>
+      <<<static_cast<unsigned>(blocks), threads, ssd_smem_bytes<Tin>(a.dstate), stream>>>(a, ptiles);
+  return launch_status();
+}
+
+template <typename Tin, typename Tout>
+cudaError_t launch_ssd_chunked(const SsdArgs& a, cudaStream_t stream) {
+  const ChunkSmem lay(a.dstate, sizeof(Tin));
+  const cudaError_t err = cudaFuncSetAttribute(ssd_chunked_kernel<Tin, Tout>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               static_cast<int>(lay.bytes));
+  if (err != cudaSuccess) return err;
+  const int ptiles = (a.headdim + kColTile - 1) / kColTile;
+  const int64_t blocks = static_cast<int64_t>(a.batch) * a.nheads * ptiles;
+  if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
+  // cp.async moves 16-byte words: x rows (and the head offset inside a row) must keep that alignment
+  // (B/C rows always do: aligned base, dstate a multiple of 16); otherwise ordinary loads.
+  const bool async = reinterpret_cast<uintptr_t>(a.x) % 16 == 0 && (a.headdim * sizeof(Tin)) % 16 == 0;
+  ssd_chunked_kernel<Tin, Tout>
+      <<<static_cast<unsigned>(blocks), kChunkThreads, lay.bytes, stream>>>(a, ptiles, async);
+  return launch_status();
 }
 
 bool ssd_sizes_ok(int batch, int nheads, int headdim, int ngroups, int dstate) {
@@ -307,7 +677,7 @@ extern "C" cudaError_t essm_ssd_scan_fwd(essm_dtype in_dtype, essm_dtype out_dty
                                          int ngroups, int dstate, int chunk_size,
                                          cudaStream_t stream) {
   using namespace essm;
-  (void)chunk_size;  // a hint only: this kernel's result does not depend on chunking
+  (void)chunk_size;  // a hint only: the chunked form uses its own chunk length (kChunk)
   if (!ssd_sizes_ok(batch, nheads, headdim, ngroups, dstate) || seqlen <= 0 ||
       dstate % kSsdStates != 0 || dstate > kSsdMaxState || x == nullptr || dt == nullptr ||
       A == nullptr || Bm == nullptr || Cm == nullptr || y == nullptr ||
@@ -319,17 +689,30 @@ extern "C" cudaError_t essm_ssd_scan_fwd(essm_dtype in_dtype, essm_dtype out_dty
   // B/C tiles move as 16-byte vectors
   if (reinterpret_cast<uintptr_t>(Bm) % 16 != 0 || reinterpret_cast<uintptr_t>(Cm) % 16 != 0)
     return cudaErrorInvalidValue;
-  const int ptiles = (headdim + kSsdRows - 1) / kSsdRows;
-  const int64_t blocks = static_cast<int64_t>(batch) * nheads * ptiles;
-  if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
-  const int threads = dstate / kSsdStates * kSsdRows;
   return dispatch_in_out(in_dtype, out_dtype, [&](auto ti, auto to) {
     using Tin = decltype(ti);
-    ssd_scan_fwd_kernel<Tin, decltype(to)>
-        <<<static_cast<unsigned>(blocks), threads, ssd_smem_bytes<Tin>(dstate), stream>>>(a,
-                                                                                   ptiles);
-    return launch_status();
+    using Tout = decltype(to);
+    // float32 outputs ask for float32 accuracy: the direct form; 16-bit outputs: tensor cores
+    if constexpr (std::is_same<Tout, float>::value) {
+      return launch_ssd_direct<Tin, Tout>(a, stream);
+    } else {
+      // the chunked form's shared memory grows with dstate (169 KiB for f16 at 256): past the
+      // device's per-block limit (163 KiB on Orin, 227 KiB on H100) the direct form runs instead
+      int dev = 0, smem_max = 0;
+      cudaError_t err = cudaGetDevice(&dev);
+      if (err == cudaSuccess)
+        err = cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+      if (err != cudaSuccess) return err;
+      const bool fits = ChunkSmem(a.dstate, sizeof(Tin)).bytes <= static_cast<size_t>(smem_max);
+      return g_ssd_variant == 1 || !fits ? launch_ssd_direct<Tin, Tout>(a, stream)
+                                         : launch_ssd_chunked<Tin, Tout>(a, stream);
+    }
   });
+}
+
+extern "C" int essm_tuning_set_ssd_variant(int variant) {
+  essm::g_ssd_variant = variant == 1 ? 1 : 0;
+  return essm::g_ssd_variant;
 }
 
 extern "C" cudaError_t essm_ssd_state_update(essm_dtype in_dtype, essm_dtype out_dtype,
