@@ -54,6 +54,17 @@ __device__ __forceinline__ float ssd_dt(float raw, float bias, int use_softplus,
   return fminf(fmaxf(v, lo), hi);
 }
 
+// Per-(head, group) parameters of the prefill kernels (int8 group scales are 1 for float io).
+struct SsdHead {
+  float A, dt_bias, D, B_scale, C_scale;
+  __device__ SsdHead(const SsdArgs& p, int h, int g)
+      : A(p.A[h]),
+        dt_bias(p.dt_bias != nullptr ? p.dt_bias[h] : 0.f),
+        D(p.Dskip != nullptr ? p.Dskip[h] : 0.f),
+        B_scale(p.B_scale != nullptr ? p.B_scale[g] : 1.f),
+        C_scale(p.C_scale != nullptr ? p.C_scale[g] : 1.f) {}
+};
+
 // Tokens per staged tile: 16-byte vectors per thread per tensor = kSsdTile * sizeof(Tin) / 8.
 template <typename Tin>
 __host__ __device__ constexpr int ssd_tile() {
@@ -141,11 +152,8 @@ __global__ void __launch_bounds__(kSsdMaxState / kSsdStates * kSsdRows)
   float* decays = dts + T;
   float* ys = decays + T;
 
-  const float Ah = p.A[h];
-  const float bias = p.dt_bias != nullptr ? p.dt_bias[h] : 0.f;
-  const float Dh = p.Dskip != nullptr ? p.Dskip[h] : 0.f;
-  const float Bsc = p.B_scale != nullptr ? p.B_scale[g] : 1.f;
-  const float Csc = p.C_scale != nullptr ? p.C_scale[g] : 1.f;
+  const SsdHead hp(p, h, g);
+  const float Ah = hp.A, bias = hp.dt_bias, Dh = hp.D, Bsc = hp.B_scale, Csc = hp.C_scale;
   const Tin* x = static_cast<const Tin*>(p.x);
   const Tout* dtp = static_cast<const Tout*>(p.dt);
   const Tin* Bm = static_cast<const Tin*>(p.Bm);
@@ -385,11 +393,8 @@ __global__ void __launch_bounds__(kChunkThreads)
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int nblk = N / kWm;
 
-  const float Ah = p.A[h];
-  const float bias = p.dt_bias != nullptr ? p.dt_bias[h] : 0.f;
-  const float Dh = p.Dskip != nullptr ? p.Dskip[h] : 0.f;
-  const float Bsc = p.B_scale != nullptr ? p.B_scale[g] : 1.f;
-  const float Csc = p.C_scale != nullptr ? p.C_scale[g] : 1.f;
+  const SsdHead hp(p, h, g);
+  const float Ah = hp.A, bias = hp.dt_bias, Dh = hp.D, Bsc = hp.B_scale, Csc = hp.C_scale;
   const Tout* dtp = static_cast<const Tout*>(p.dt);
   Tout* y = static_cast<Tout*>(p.y);
   const int64_t x_stride = static_cast<int64_t>(H) * P, bc_stride = static_cast<int64_t>(G) * N;
