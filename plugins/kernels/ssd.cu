@@ -611,10 +611,18 @@ cudaError_t launch_ssd_direct(const SsdArgs& a, cudaStream_t stream) {
   return launch_status();
 }
 
+// The chunked form; the direct form where the chunked form's shared memory (it grows with dstate:
+// 169 KiB for f16 at 256) exceeds the device's per-block limit (163 KiB on Orin, 227 KiB on H100).
 template <typename Tin, typename Tout>
 cudaError_t launch_ssd_chunked(const SsdArgs& a, cudaStream_t stream) {
   const ChunkSmem lay(a.dstate, sizeof(Tin));
-  const cudaError_t err = cudaFuncSetAttribute(ssd_chunked_kernel<Tin, Tout>,
+  int dev = 0, smem_max = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err == cudaSuccess)
+    err = cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (err != cudaSuccess) return err;
+  if (lay.bytes > static_cast<size_t>(smem_max)) return launch_ssd_direct<Tin, Tout>(a, stream);
+  err = cudaFuncSetAttribute(ssd_chunked_kernel<Tin, Tout>,
                                                cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                static_cast<int>(lay.bytes));
   if (err != cudaSuccess) return err;
@@ -701,16 +709,8 @@ extern "C" cudaError_t essm_ssd_scan_fwd(essm_dtype in_dtype, essm_dtype out_dty
     if constexpr (std::is_same<Tout, float>::value) {
       return launch_ssd_direct<Tin, Tout>(a, stream);
     } else {
-      // the chunked form's shared memory grows with dstate (169 KiB for f16 at 256): past the
-      // device's per-block limit (163 KiB on Orin, 227 KiB on H100) the direct form runs instead
-      int dev = 0, smem_max = 0;
-      cudaError_t err = cudaGetDevice(&dev);
-      if (err == cudaSuccess)
-        err = cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-      if (err != cudaSuccess) return err;
-      const bool fits = ChunkSmem(a.dstate, sizeof(Tin)).bytes <= static_cast<size_t>(smem_max);
-      return g_ssd_variant == 1 || !fits ? launch_ssd_direct<Tin, Tout>(a, stream)
-                                         : launch_ssd_chunked<Tin, Tout>(a, stream);
+      return g_ssd_variant == 1 ? launch_ssd_direct<Tin, Tout>(a, stream)
+                                : launch_ssd_chunked<Tin, Tout>(a, stream);
     }
   });
 }
