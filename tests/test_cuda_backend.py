@@ -309,9 +309,11 @@ def test_triton_gemv_vs_float64(mode: str, shape: tuple[int, int, int]) -> None:
 
 
 def test_gemv_block_n() -> None:
-    """GEMV programs own 32 output rows for large N and shrink (to 4) until the grid has ~528 programs."""
+    """GEMV programs own 32 output rows for large N and shrink (W8 to 1, W4 to 4) until the grid has
+    ~528 programs."""
     ns = (80, 160, 2048, 8192, 50280)
-    assert [Q._block_n(n, 32, Q._GEMV_MIN_BLOCK_N, Q._GEMV_PROGRAMS) for n in ns] == [4, 4, 4, 8, 32]
+    assert [Q._block_n(n, 32, Q._W8_GEMV_MIN_BLOCK_N, Q._GEMV_PROGRAMS) for n in ns] == [1, 1, 2, 8, 32]
+    assert [Q._block_n(n, 32, Q._W4_GEMV_MIN_BLOCK_N, Q._GEMV_PROGRAMS) for n in ns] == [4, 4, 4, 8, 32]
 
 
 def _interpreter_runs_scalar_loops() -> bool:

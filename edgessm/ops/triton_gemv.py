@@ -348,17 +348,19 @@ _A16 = (torch.float16, torch.bfloat16)
 _GEMV_MAX_M = 4
 _GEMV_TILE = 4096  # weight elements per program per K step (32 float32 accumulators per thread at 4 warps)
 _GEMV_PROGRAMS = 528  # ~4 programs per SM on 132 SMs: enough weight loads in flight to stream HBM
-# The fewest output rows a GEMV program may own (the measured configuration, docs/benchmarks.md).
-# Below 4 * 528 outputs this leaves the grid short (at 1.4B: x_proj's 160 outputs run 40 programs);
-# letting W8 go down to one row is written up, not yet measured, in docs/proposals/README.md.
-_GEMV_MIN_BLOCK_N = 4
+# The fewest output rows a GEMV program may own. Measured on an H100 (docs/benchmarks.md, decode of
+# Mamba-1 1.4B): W8 down to one row (x_proj's 160 outputs then run 160 programs instead of 40) makes
+# W8A16 decode 7% faster; W4 down to one row makes W4A16 18% slower (its programs are bound by
+# nibble unpacking and group scales, which more programs do not shorten), so W4 stays at 4.
+_W8_GEMV_MIN_BLOCK_N = 1
+_W4_GEMV_MIN_BLOCK_N = 4
 
 
 def _gemv_setup(name: str, x: torch.Tensor, n: int, bias: torch.Tensor | None, out_dtype: torch.dtype,
-                out: torch.Tensor | None) -> tuple[torch.Tensor, int, tuple[int, int]]:
+                out: torch.Tensor | None, min_block_n: int) -> tuple[torch.Tensor, int, tuple[int, int]]:
     """Output, BLOCK_N and grid (N blocks x rows of x) of a GEMV kernel: BLOCK_N shrinks from 32 to
-    _GEMV_MIN_BLOCK_N until the grid has ~4 programs per SM."""
-    block_n = _block_n(n, 32, _GEMV_MIN_BLOCK_N, _GEMV_PROGRAMS)
+    ``min_block_n`` until the grid has ~4 programs per SM."""
+    block_n = _block_n(n, 32, min_block_n, _GEMV_PROGRAMS)
     return _output(name, x, n, bias, out_dtype, out), block_n, ((n + block_n - 1) // block_n, x.shape[0])
 
 
@@ -369,7 +371,7 @@ def _launch_w8(name: str, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     m = x.shape[0]
     flags = dict(A8=a8, X_INT8=x.dtype == torch.int8, HAS_BIAS=bias is not None)
     if m <= _GEMV_MAX_M:
-        y, bn, grid = _gemv_setup(name, x, n, bias, out_dtype, out)
+        y, bn, grid = _gemv_setup(name, x, n, bias, out_dtype, out, _W8_GEMV_MIN_BLOCK_N)
         bk = min(_GEMV_TILE // bn, max(triton.next_power_of_2(k), 64))  # powers of two, as tl.arange needs
         _w8_gemv_kernel[grid](x, q, scale, bias, y, n, k, x.stride(0), y.stride(0), x_inv_scale,
                  x_scale, **flags, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
@@ -429,7 +431,7 @@ def gemv_w4a16(
         raise ValueError(f"gemv_w4a16: group size {group} must be a power of two >= 32")
     _require_triton()
     if x.shape[0] <= _GEMV_MAX_M:
-        y, bn, grid = _gemv_setup("gemv_w4a16", x, n, bias, x.dtype, out)
+        y, bn, grid = _gemv_setup("gemv_w4a16", x, n, bias, x.dtype, out, _W4_GEMV_MIN_BLOCK_N)
         groups = min(max(_GEMV_TILE // (bn * group), 1), triton.next_power_of_2(k // group))
         _w4_gemv_kernel[grid](x, packed, scale, bias, y, n, k, k // group, x.stride(0),
                  y.stride(0), HAS_BIAS=bias is not None, GROUP=group, BLOCK_N=bn, GROUPS=groups, num_warps=4)

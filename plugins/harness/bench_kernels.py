@@ -32,10 +32,10 @@ from essm_lib import ESSM_F16, ESSM_I8, KernelLib, ScanScales, SsdScales, ptr, s
 log = logging.getLogger("bench_kernels")
 L2_ROTATE_BYTES = 200 * 2**20  # working set spanned by the rotated input copies (> 3x H100 L2)
 EAGER_REPS = 3
-# Prefill-scan variants timed (essm_tuning_set_scan_variant): (variant, segments) -> label.
-# SFU softplus/SiLU of 3 and with the mixed ones (docs/kernels.md).
+# Prefill-scan variants timed (essm_tuning_set_scan_variant): (variant, segments) -> label; "seq1" is the
+# single-segment one-barrier kernel that "auto" runs where the heuristic picks one segment (docs/kernels.md).
 SCAN_VARIANTS = {(0, 0): "auto", (1, 0): "chunked/r1", (2, 0): "chunked/r2", (3, 1): "seq/S1", (3, 2): "seq/S2",
-                 (3, 4): "seq/S4", (3, 8): "seq/S8", (3, 16): "seq/S16", (3, 32): "seq/S32"}
+                 (3, 4): "seq/S4", (3, 8): "seq/S8", (3, 16): "seq/S16", (3, 32): "seq/S32", (4, 0): "seq1"}
 
 # SSD prefill forms timed (essm_tuning_set_ssd_variant) -> label; "auto" is the chunked form for f16 output.
 SSD_VARIANTS = {0: "auto", 1: "direct"}

@@ -49,8 +49,8 @@ FLOAT_IO = (ESSM_F32, ESSM_F16, ESSM_BF16)
 QUANT_OUT = (ESSM_F16, ESSM_F32, ESSM_BF16)  # out dtypes tested with int8 inputs
 # Prefill-scan variants (essm_tuning_set_scan_variant): (variant, segments) -> label.
 SCAN_VARIANTS = {(0, 0): "auto", (1, 0): "chunked/r1", (2, 0): "chunked/r2", (3, 1): "seq/S1", (3, 4): "seq/S4",
-                 (3, 32): "seq/S32"}
-SEQ_MAX_STATE = 16  # the segmented variant handles dstate <= 16
+                 (3, 32): "seq/S32", (4, 0): "seq1"}
+SEQ_MAX_STATE = 16  # the sequential variants (3, 4) handle dstate <= 16
 
 
 @dataclass
@@ -369,7 +369,7 @@ def run_all(chk: Checker, only: set[str] | None = None) -> None:
         ]
         for sc in scan_cases:
             for var in SCAN_VARIANTS:
-                if var[0] == 3 and sc["dstate"] > SEQ_MAX_STATE:
+                if var[0] >= 3 and sc["dstate"] > SEQ_MAX_STATE:
                     continue
                 add(("scan", lambda sc=sc, var=var, i=in_dt, o=out_dt: chk.scan(in_dt=i, out_dt=o, variant=var, **sc)))
         for (b, d, n, ip, g) in [(2, 37, 16, False, True), (1, 130, 64, True, True), (3, 11, 256, False, False),

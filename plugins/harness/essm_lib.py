@@ -130,7 +130,8 @@ class KernelLib:
     def set_scan_variant(self, variant: int, segments: int = 0) -> int:
         """Force the prefill scan variant (selective_scan.cu): 0 heuristic, 1/2 chunked parallel scan
         with 1/2 channels per thread, 3 segmented sequential scan (dstate <= 16) with `segments`
-        time segments (a power of two <= 32; 0 = heuristic). Returns the variant in force."""
+        time segments (a power of two <= 32; 0 = heuristic, which at one segment runs 4), 4 the
+        single-segment one-barrier kernel (dstate <= 16). Returns the variant in force."""
         return int(self._lib.essm_tuning_set_scan_variant(variant, segments))
 
     def set_ssd_variant(self, variant: int) -> int:

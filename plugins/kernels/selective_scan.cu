@@ -1,13 +1,13 @@
 // Mamba-1 selective scan (prefill) and selective state update (decode), float and int8 inputs.
 //
-// Prefill design (see docs/kernels.md): one block of kScanThreads threads owns kRows channels of
-// one batch element and walks the sequence in chunks of kScanThreads * kScanItems tokens. Every
-// thread holds kScanItems consecutive tokens of each of its rows in registers. For each state n
-// the recurrence h_t = a_t h_{t-1} + b_t is a composition of affine maps, so the chunk is scanned
-// in parallel: a sequential fold over the thread's items, a warp shuffle scan of the per-thread
-// (prod a, h) pairs, and a cross-warp combine through shared memory with the carry from the
-// previous chunk. The a_t = exp(dt_t A_n) values stay in registers between the two passes, so
-// each (token, channel, state) costs one exp2 and six FMA-pipe operations.
+// Prefill (see docs/kernels.md): three kernels. dstate <= 16 (every Mamba-1 model): a segmented
+// sequential scan (thread = (channel, time segment), the 16 states in registers, two passes when
+// there is more than one segment; variant 3), and for one segment its one-barrier form (variant 4).
+// dstate > 16: a chunked parallel scan (one block of kScanThreads threads owns kRows channels of one
+// batch element and walks the sequence in chunks of kScanThreads * kScanItems tokens; for each state
+// n the recurrence h_t = a_t h_{t-1} + b_t is a composition of affine maps, so the chunk is scanned
+// by a sequential fold over each thread's items, a warp shuffle scan and a cross-warp combine with
+// the carry from the previous chunk; variants 1/2).
 #include "common.cuh"
 
 namespace essm {
@@ -66,6 +66,48 @@ __device__ __forceinline__ float fast_softplus(float x) {
 // x * sigmoid(x) with ex2.approx and an approximate division (a few ulp; x < -88 gives -0).
 __device__ __forceinline__ float fast_silu(float x) {
   return __fdividef(x, 1.f + fast_exp2(-x * kLog2e));
+}
+
+// log1p(t) for t in [0, 1] as t + t^2 q(t), q a degree-8 minimax fit: no division, unlike the
+// 2 atanh form of fast_softplus; 3e-9 relative before rounding (tests/test_scan_fast_math.py
+// replays it and reads the coefficients from here).
+__device__ __forceinline__ float log1p_unit(float t) {
+  float q = -3.24402284e-3f;
+  q = fmaf(q, t, 1.98514555e-2f);
+  q = fmaf(q, t, -5.69595248e-2f);
+  q = fmaf(q, t, 1.06036551e-1f);
+  q = fmaf(q, t, -1.53055936e-1f);
+  q = fmaf(q, t, 1.96759403e-1f);
+  q = fmaf(q, t, -2.49541342e-1f);
+  q = fmaf(q, t, 3.33299637e-1f);
+  q = fmaf(q, t, -4.99999017e-1f);
+  return fmaf(t * q, t, t);
+}
+
+// Mixed forms of fast_softplus / fast_silu, for the kernel whose state decays already keep the
+// special-function unit busy: the exponentials stay on that unit (ex2.approx, with fast_softplus's
+// accuracy: the rounding of x*log2e costs about 6e-8 |x| relative), the divisions move to the FMA
+// pipe (log1p_unit, fma_rcp). 2 SFU operations per (token, channel) instead of 4, for about the
+// issue slots of the fast_ forms.
+// softplus = max(x, 0) + log1p(t), t = e^-|x|. The threshold needs no branch: for x > 20,
+// t < 2.1e-9 is below half an ulp of x, so the sum is x.
+__device__ __forceinline__ float mixed_softplus(float x) {
+  return fmaxf(x, 0.f) + log1p_unit(fast_exp2(-fabsf(x) * kLog2e));
+}
+
+// x / (1 + e^-x); the clamp keeps 1 + 2^v within fma_rcp's range (ex2.approx.ftz flushes to 0
+// below 2^-126, so x > 87 gives exactly x).
+__device__ __forceinline__ float mixed_silu(float x) {
+  return x * fma_rcp(1.f + fast_exp2(fminf(-x * kLog2e, 125.f)));
+}
+
+// How the per-(token, channel) softplus of delta is computed (variant 3, variant 4).
+enum class ScanMath { kSfu, kMixed };
+
+template <ScanMath M>
+__device__ __forceinline__ float scan_softplus(float x) {
+  if constexpr (M == ScanMath::kMixed) return mixed_softplus(x);
+  return fast_softplus(x);
 }
 
 // Shared memory: A*log2(e) [R][N], carry [2][N][R] (double-buffered by chunk parity), warp
@@ -319,6 +361,26 @@ __device__ __forceinline__ void seq_put(float* Bs, float* Cs, const SeqStage<Tin
   }
 }
 
+// The per-channel parameters of the sequential kernels (channel dc; float, scales dequantized).
+struct SeqChannel {
+  float A2[kSeqStates];  // A * log2(e), 0 for states >= dstate
+  float Dv, dbias, uscale, dscale, Bscale, Cscale, zscale;
+
+  __device__ __forceinline__ SeqChannel(const ScanArgs& p, int dc) {
+    const int N = p.dstate;
+#pragma unroll
+    for (int n = 0; n < kSeqStates; ++n)
+      A2[n] = n < N ? p.A[static_cast<int64_t>(dc) * N + n] * kLog2e : 0.f;
+    Dv = p.Dskip != nullptr ? p.Dskip[dc] : 0.f;
+    dbias = p.delta_bias != nullptr ? p.delta_bias[dc] : 0.f;
+    uscale = scale_at(p.u_scale, dc);
+    dscale = scale_at(p.delta_scale, 0);
+    Bscale = scale_at(p.B_scale, 0);
+    Cscale = scale_at(p.C_scale, 0);
+    zscale = scale_at(p.z_scale, 0);
+  }
+};
+
 // Raw u and delta of the thread's channel for one tile.
 template <typename Tin>
 struct SeqTok {
@@ -334,23 +396,24 @@ __device__ __forceinline__ void seq_fetch_tok(SeqTok<Tin>& tk, const ScanArgs& p
   fetch_run<Tin, kSeqTile>(static_cast<const Tin*>(p.delta) + row_off + tok, valid, tk.d);
 }
 
-// dt (softplus'd, 0 on padding tokens so that they are identity steps) and u of one tile.
-template <typename Tin>
+// dt (softplus'd, 0 on padding tokens so that they are identity steps) and u of one tile;
+template <typename Tin, ScanMath kMath = ScanMath::kSfu>
 __device__ __forceinline__ void seq_dt_u(const SeqTok<Tin>& tk, const ScanArgs& p, int tok,
-                                         bool row_ok, float dbias, float uscale, float dscale,
+                                         bool row_ok, const SeqChannel& ch,
                                          float (&dt)[kSeqTile], float (&uu)[kSeqTile]) {
   const int valid = row_ok ? p.seqlen - tok : 0;
 #pragma unroll
   for (int i = 0; i < kSeqTile; ++i) {
-    uu[i] = dequant(tk.u[i], uscale);
-    float v = dequant(tk.d[i], dscale) + dbias;
-    if (p.delta_softplus) v = fast_softplus(v);
+    uu[i] = dequant(tk.u[i], ch.uscale);
+    float v = dequant(tk.d[i], ch.dscale) + ch.dbias;
+    if (p.delta_softplus) v = scan_softplus<kMath>(v);
     dt[i] = i < valid ? v : 0.f;
   }
 }
 
-// One tile of the recurrence over the thread's states; accumulates y[i] = sum_n h_n C_n when
-// kOutput (pass 2), otherwise only advances h (pass 1).
+// One tile of the recurrence over the thread's states; adds y[i] += sum_n h_n C_n when kOutput
+// (pass 2), otherwise only advances h (pass 1). The sum starts from y[i] (two chains for
+// latency), which saves an add per token over summing from zero.
 template <bool kOutput>
 __device__ __forceinline__ void seq_tile(float (&h)[kSeqStates], const float (&A2)[kSeqStates],
                                          const float (&dt)[kSeqTile], const float (&uu)[kSeqTile],
@@ -360,7 +423,7 @@ __device__ __forceinline__ void seq_tile(float (&h)[kSeqStates], const float (&A
     const float dtu = dt[i] * uu[i];
     const float4* B4 = reinterpret_cast<const float4*>(Bs + i * kSeqStates);
     const float4* C4 = reinterpret_cast<const float4*>(Cs + i * kSeqStates);
-    float acc0 = 0.f, acc1 = 0.f;
+    float acc0 = kOutput ? y[i] : 0.f, acc1 = 0.f;
 #pragma unroll
     for (int q = 0; q < kSeqStates / 4; ++q) {
       const float4 bb = B4[q];
@@ -378,8 +441,40 @@ __device__ __forceinline__ void seq_tile(float (&h)[kSeqStates], const float (&A
         acc1 = fmaf(h[4 * q + 3], cc.w, acc1);
       }
     }
-    if (kOutput) y[i] += acc0 + acc1;
+    if (kOutput) y[i] = acc0 + acc1;
   }
+}
+
+// The S > 1 combine between the two passes, h = this thread's segment end state from a zero state
+// on entry and its true initial state on return: h_in[s+1] = exp(A * sum_dt[s]) * h_in[s] +
+// h_end[s], h_in[0] = initial state. Uses the first (2 * kSeqStates + 1) * kSeqThreads floats of
+// `sm`; the caller synchronizes before (tile reads done) and after (before reusing `sm`).
+__device__ __forceinline__ void seq_combine(float* sm, float (&h)[kSeqStates], float sum_dt,
+                                            const ScanArgs& p, int segs, int b, int d0) {
+  const int tid = threadIdx.x, CH = kSeqThreads / segs, N = p.dstate, dim = p.dim;
+  float* hend = sm;
+  float* hin = hend + kSeqThreads * kSeqStates;
+  float* sdt = hin + kSeqThreads * kSeqStates;
+#pragma unroll
+  for (int n = 0; n < kSeqStates; ++n) hend[tid * kSeqStates + n] = h[n];
+  sdt[tid] = sum_dt;
+  __syncthreads();
+  for (int idx = tid; idx < CH * kSeqStates; idx += kSeqThreads) {
+    const int cc = idx / kSeqStates, n = idx % kSeqStates, dd = d0 + cc;
+    const bool ok = dd < dim && n < N;
+    const float a2 = ok ? p.A[static_cast<int64_t>(dd) * N + n] * kLog2e : 0.f;
+    float hh = ok && p.initial_state != nullptr
+                   ? p.initial_state[(static_cast<int64_t>(b) * dim + dd) * N + n]
+                   : 0.f;
+    for (int s2 = 0; s2 < segs; ++s2) {
+      const int t2 = s2 * CH + cc;  // thread index of (cc, s2)
+      hin[t2 * kSeqStates + n] = hh;
+      hh = fmaf(fast_exp2(a2 * sdt[t2]), hh, hend[t2 * kSeqStates + n]);
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int n = 0; n < kSeqStates; ++n) h[n] = hin[tid * kSeqStates + n];
 }
 
 template <typename Tin, typename Tout, int kIters>
@@ -396,15 +491,7 @@ __global__ void __launch_bounds__(kSeqThreads)
   const bool row_ok = d < dim;
   const int dc = row_ok ? d : dim - 1;
   const int64_t row_off = (static_cast<int64_t>(b) * dim + dc) * L;
-  float A2[kSeqStates];
-#pragma unroll
-  for (int n = 0; n < kSeqStates; ++n)
-    A2[n] = n < N ? p.A[static_cast<int64_t>(dc) * N + n] * kLog2e : 0.f;
-  const float Dv = p.Dskip != nullptr ? p.Dskip[dc] : 0.f;
-  const float dbias = p.delta_bias != nullptr ? p.delta_bias[dc] : 0.f;
-  const float uscale = scale_at(p.u_scale, dc);
-  const float dscale = scale_at(p.delta_scale, 0), Bscale = scale_at(p.B_scale, 0);
-  const float Cscale = scale_at(p.C_scale, 0), zscale = scale_at(p.z_scale, 0);
+  const SeqChannel ch(p, dc);
   const Tin* Bb = static_cast<const Tin*>(p.Bm) + static_cast<int64_t>(b) * N * L;
   const Tin* Cb = static_cast<const Tin*>(p.Cm) + static_cast<int64_t>(b) * N * L;
   float* Bs = sm;
@@ -430,44 +517,21 @@ __global__ void __launch_bounds__(kSeqThreads)
       const int tok = tok0 + tile * kSeqTile;
       float dt[kSeqTile], uu[kSeqTile], unused[kSeqTile];
       __syncthreads();  // every thread is done reading the previous tile
-      seq_put<Tin, kIters>(Bs, Cs, st, false, Bscale, Cscale, segs);
-      if (active) seq_dt_u<Tin>(tk, p, tok, row_ok, dbias, uscale, dscale, dt, uu);
+      seq_put<Tin, kIters>(Bs, Cs, st, false, ch.Bscale, ch.Cscale, segs);
+      if (active) seq_dt_u<Tin>(tk, p, tok, row_ok, ch, dt, uu);
       __syncthreads();
       if (tile + 1 < ntiles) {
         seq_fetch<Tin, kIters>(st, false, Bb, Cb, N, L, segs, seg_len, (tile + 1) * kSeqTile);
         if (active) seq_fetch_tok<Tin>(tk, p, row_off, tok + kSeqTile, row_ok);
       }
       if (active) {
-        seq_tile<false>(h, A2, dt, uu, Bmine, Cmine, unused);
+        seq_tile<false>(h, ch.A2, dt, uu, Bmine, Cmine, unused);
 #pragma unroll
         for (int i = 0; i < kSeqTile; ++i) sum_dt += dt[i];
       }
     }
     __syncthreads();  // the combine reuses the tile memory
-    // combine: h_in[s+1] = exp(A * sum_dt[s]) * h_in[s] + h_end[s], h_in[0] = initial state
-    float* hend = sm;
-    float* hin = hend + kSeqThreads * kSeqStates;
-    float* sdt = hin + kSeqThreads * kSeqStates;
-#pragma unroll
-    for (int n = 0; n < kSeqStates; ++n) hend[tid * kSeqStates + n] = h[n];
-    sdt[tid] = sum_dt;
-    __syncthreads();
-    for (int idx = tid; idx < CH * kSeqStates; idx += kSeqThreads) {
-      const int cc = idx / kSeqStates, n = idx % kSeqStates, dd = d0 + cc;
-      const bool ok = dd < dim && n < N;
-      const float a2 = ok ? p.A[static_cast<int64_t>(dd) * N + n] * kLog2e : 0.f;
-      float hh = ok && p.initial_state != nullptr
-                     ? p.initial_state[(static_cast<int64_t>(b) * dim + dd) * N + n]
-                     : 0.f;
-      for (int s2 = 0; s2 < segs; ++s2) {
-        const int t2 = s2 * CH + cc;  // thread index of (cc, s2)
-        hin[t2 * kSeqStates + n] = hh;
-        hh = fmaf(fast_exp2(a2 * sdt[t2]), hh, hend[t2 * kSeqStates + n]);
-      }
-    }
-    __syncthreads();
-#pragma unroll
-    for (int n = 0; n < kSeqStates; ++n) h[n] = hin[tid * kSeqStates + n];
+    seq_combine(sm, h, sum_dt, p, segs, b, d0);
     // (the first tile of pass 2 synchronizes before it overwrites this memory)
   } else {
 #pragma unroll
@@ -487,8 +551,8 @@ __global__ void __launch_bounds__(kSeqThreads)
     const int valid = row_ok ? L - tok : 0;
     float dt[kSeqTile], uu[kSeqTile], y[kSeqTile];
     __syncthreads();  // every thread is done reading the previous tile (or the combine's h_in)
-    seq_put<Tin, kIters>(Bs, Cs, st, true, Bscale, Cscale, segs);
-    seq_dt_u<Tin>(tk, p, tok, row_ok, dbias, uscale, dscale, dt, uu);
+    seq_put<Tin, kIters>(Bs, Cs, st, true, ch.Bscale, ch.Cscale, segs);
+    seq_dt_u<Tin>(tk, p, tok, row_ok, ch, dt, uu);
     __syncthreads();
     if (tile + 1 < ntiles) {
       seq_fetch<Tin, kIters>(st, true, Bb, Cb, N, L, segs, seg_len, (tile + 1) * kSeqTile);
@@ -497,17 +561,145 @@ __global__ void __launch_bounds__(kSeqThreads)
     Tin zr[kSeqTile];  // issued before the tile's math so that its latency hides behind it
     if (z != nullptr) fetch_run<Tin, kSeqTile>(z + row_off + tok, valid, zr);
 #pragma unroll
-    for (int i = 0; i < kSeqTile; ++i) y[i] = Dv * uu[i];
-    seq_tile<true>(h, A2, dt, uu, Bmine, Cmine, y);
+    for (int i = 0; i < kSeqTile; ++i) y[i] = ch.Dv * uu[i];
+    seq_tile<true>(h, ch.A2, dt, uu, Bmine, Cmine, y);
     if (valid > 0) {
       if (z != nullptr) {
 #pragma unroll
-        for (int i = 0; i < kSeqTile; ++i) y[i] *= fast_silu(dequant(zr[i], zscale));
+        for (int i = 0; i < kSeqTile; ++i) y[i] *= fast_silu(dequant(zr[i], ch.zscale));
       }
       store_run<Tout, kSeqTile>(yout + row_off + tok, valid, y);
     }
   }
   if (p.final_state != nullptr && seg == segs - 1 && row_ok) {
+#pragma unroll
+    for (int n = 0; n < kSeqStates; ++n)
+      if (n < N) p.final_state[(static_cast<int64_t>(b) * dim + d) * N + n] = h[n];
+  }
+}
+
+// ---- single-segment sequential variant, one barrier per tile (variant 4) ----------------------
+// The S = 1 case of selective_scan_seq_kernel (one thread per channel, its 16 states in registers,
+// one pass), which the heuristic picks when batch * dim alone fills the GPU (large batches),
+// changed where that kernel's SASS spends issue slots and stalls. Measured on an H100
+// (docs/benchmarks.md): 14-18% faster than variant 3 at S = 1; the same changes made the S > 1
+// forms slower (more staging bookkeeping per token than the barrier they save), so they run on
+// variant 3 only.
+//  - B/C tiles are double-buffered in shared memory: tile t+1 is stored into the other buffer while
+//    tile t is read, so a single __syncthreads per tile (at its end) orders both hazards, instead
+//    of one before and one after the stores.
+//  - The staging is spread over the block: 64 threads each hold a 4-token run of B or C of one
+//    state, instead of 16 threads of warp 0 storing 16 values each while the other warps wait at
+//    the barrier.
+//  - softplus and SiLU use the mixed forms (mixed_softplus / mixed_silu): 2 special-function-unit
+//    operations per (token, channel) instead of 4, next to the 16 state decays that already bound
+//    that unit. (Moving the exponentials to the FMA pipe too was measured slower: it costs ~23
+//    issue slots per (token, channel) more than it saves.)
+// Tiles stay at kSeqTile = 8 tokens: 16 did not fit 128 registers (4 blocks per SM). At 128, sm_87
+// spills one register of the int8-input, 16-bit-output instantiations (stored before the tile loop,
+// reloaded after it); sm_90 does not spill.
+
+// Tile memory: [2 buffers][B, C][kSeqSegStride].
+constexpr size_t kSeq1SmemBytes = sizeof(float) * 2 * 2 * kSeqSegStride;
+
+// One tile's staging: thread t < 64 holds the 4-token run (t / 16) % 2 of state t % 16 of B
+// (t < 32) or C (32 <= t < 64), as raw words in registers from the fetch (issued a tile ahead) to
+// the store into the other buffer; threads t >= 64 stage nothing.
+template <typename Tin>
+struct Seq1Stage {
+  static constexpr int kRun = kSeqTile / 2;
+  Tin v[kRun];
+
+  __device__ __forceinline__ static int row() {
+    return static_cast<int>(threadIdx.x) / (2 * kSeqStates);
+  }
+  __device__ __forceinline__ static int run() {
+    return (static_cast<int>(threadIdx.x) / kSeqStates) % 2;
+  }
+
+  // Loads the run of the tile at token t0 (zeros past the sequence end and for states >= dstate).
+  // (The batch's B/C rows start at p.Bm / p.Cm + boff: one offset instead of two pointers held
+  // across the tile loop.)
+  __device__ __forceinline__ void fetch(const ScanArgs& p, int64_t boff, int N, int L, int t0) {
+    const int n = static_cast<int>(threadIdx.x) % kSeqStates, j = row();
+    const int tok = t0 + run() * kRun;
+    const int valid = j < 2 && n < N ? L - tok : 0;
+    const int64_t off = valid > 0 ? static_cast<int64_t>(n) * L + tok : 0;
+    fetch_run<Tin, kRun>(static_cast<const Tin*>(j >= 1 ? p.Cm : p.Bm) + boff + off, valid, v);
+  }
+
+  // Stores the fetched run, dequantized, into buf[B or C][token][state].
+  __device__ __forceinline__ void put(float* buf, float B_scale, float C_scale) const {
+    const int n = static_cast<int>(threadIdx.x) % kSeqStates, j = row();
+    if (j >= 2) return;
+    float* dst = buf + j * kSeqSegStride + run() * kRun * kSeqStates + n;
+    const float scale = j >= 1 ? C_scale : B_scale;
+#pragma unroll
+    for (int i = 0; i < kRun; ++i) dst[i * kSeqStates] = dequant(v[i], scale);
+  }
+};
+
+template <typename Tin, typename Tout>
+__global__ void __launch_bounds__(kSeqThreads, 4)
+    selective_scan_seq1_kernel(const ScanArgs p) {
+  extern __shared__ __align__(16) float sm[];
+  const int N = p.dstate, L = p.seqlen, dim = p.dim;
+  const int tid = threadIdx.x;
+  const int groups = (dim + kSeqThreads - 1) / kSeqThreads;
+  const int b = blockIdx.x / groups;
+  const int d = (blockIdx.x % groups) * kSeqThreads + tid;
+  const bool row_ok = d < dim;
+  const int dc = row_ok ? d : dim - 1;
+  const int64_t row_off = (static_cast<int64_t>(b) * dim + dc) * L;
+  const SeqChannel ch(p, dc);
+  const int64_t boff = static_cast<int64_t>(b) * N * L;  // of the batch's B/C rows
+  constexpr int kBufFloats = 2 * kSeqSegStride;
+  const int ntiles = (L + kSeqTile - 1) / kSeqTile;
+  Tout* yout = static_cast<Tout*>(p.y);
+  const Tin* z = static_cast<const Tin*>(p.z);
+
+  float h[kSeqStates];
+#pragma unroll
+  for (int n = 0; n < kSeqStates; ++n)
+    h[n] = (row_ok && n < N && p.initial_state != nullptr)
+               ? p.initial_state[(static_cast<int64_t>(b) * dim + d) * N + n]
+               : 0.f;
+
+  Seq1Stage<Tin> st;
+  SeqTok<Tin> tk;
+  st.fetch(p, boff, N, L, 0);
+  seq_fetch_tok<Tin>(tk, p, row_off, 0, row_ok);
+  st.put(sm, ch.Bscale, ch.Cscale);
+  if (ntiles > 1) st.fetch(p, boff, N, L, kSeqTile);
+  __syncthreads();
+  for (int tile = 0; tile < ntiles; ++tile) {
+    const int tok = tile * kSeqTile;
+    const int valid = row_ok ? L - tok : 0;
+    const float* cur = sm + (tile & 1) * kBufFloats;
+    float dt[kSeqTile], uu[kSeqTile], y[kSeqTile];
+    seq_dt_u<Tin, ScanMath::kMixed>(tk, p, tok, row_ok, ch, dt, uu);
+    // The next tile's loads and stores go before this tile's math so that their latency hides
+    // behind it; the other buffer's readers finished before the previous tile's barrier.
+    if (tile + 1 < ntiles) {
+      seq_fetch_tok<Tin>(tk, p, row_off, tok + kSeqTile, row_ok);
+      st.put(sm + ((tile + 1) & 1) * kBufFloats, ch.Bscale, ch.Cscale);
+      if (tile + 2 < ntiles) st.fetch(p, boff, N, L, (tile + 2) * kSeqTile);
+    }
+    Tin zr[kSeqTile];
+    if (z != nullptr) fetch_run<Tin, kSeqTile>(z + row_off + tok, valid, zr);
+#pragma unroll
+    for (int i = 0; i < kSeqTile; ++i) y[i] = ch.Dv * uu[i];
+    seq_tile<true>(h, ch.A2, dt, uu, cur, cur + kSeqSegStride, y);
+    if (valid > 0) {
+      if (z != nullptr) {
+#pragma unroll
+        for (int i = 0; i < kSeqTile; ++i) y[i] *= mixed_silu(dequant(zr[i], ch.zscale));
+      }
+      store_run<Tout, kSeqTile>(yout + row_off + tok, valid, y);
+    }
+    __syncthreads();  // this tile's buffer is free, the next one is complete
+  }
+  if (p.final_state != nullptr && row_ok) {
 #pragma unroll
     for (int n = 0; n < kSeqStates; ++n)
       if (n < N) p.final_state[(static_cast<int64_t>(b) * dim + d) * N + n] = h[n];
@@ -581,18 +773,31 @@ cudaError_t launch_seq(const ScanArgs& a, int segs, cudaStream_t stream) {
 }
 
 template <typename Tin, typename Tout>
+cudaError_t launch_seq1(const ScanArgs& a, cudaStream_t stream) {
+  const int64_t blocks = static_cast<int64_t>(a.batch) * ((a.dim + kSeqThreads - 1) / kSeqThreads);
+  if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
+  selective_scan_seq1_kernel<Tin, Tout>
+      <<<static_cast<unsigned>(blocks), kSeqThreads, kSeq1SmemBytes, stream>>>(a);
+  return launch_status();
+}
+
+template <typename Tin, typename Tout>
 cudaError_t run_scan(const ScanArgs& a, cudaStream_t stream) {
   int dev = 0, sms = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   if (err != cudaSuccess) return err;
   int variant = g_scan_variant;
-  if (variant == 3 && a.dstate > kSeqStates) variant = 0;
+  if (variant >= 3 && a.dstate > kSeqStates) variant = 0;
   if (variant == 0 && a.dstate <= kSeqStates) variant = 3;
+  if (variant == 4) return launch_seq1<Tin, Tout>(a, stream);
   if (variant == 3) {
     const bool forced = g_scan_segments >= 1 && g_scan_segments <= kSeqMaxSegs &&
                         (g_scan_segments & (g_scan_segments - 1)) == 0;
-    return launch_seq<Tin, Tout>(a, forced ? g_scan_segments : seq_segments(a, sms), stream);
+    const int segs = forced ? g_scan_segments : seq_segments(a, sms);
+    // One segment (batch * dim fills the GPU): the one-barrier kernel, unless S is forced.
+    if (segs == 1 && !forced) return launch_seq1<Tin, Tout>(a, stream);
+    return launch_seq<Tin, Tout>(a, segs, stream);
   }
   if (variant != 1 && variant != 2) {
     int64_t c1 = 0, c2 = 0;
@@ -685,10 +890,11 @@ bool scan_scales_ok(essm_dtype in, const essm_scan_scales* s) {
 
 // Not part of kernels.h: lets the harness and the benchmark force a prefill-scan variant.
 // variant 0 = heuristic, 1/2 = chunked parallel scan with 1/2 channels per thread, 3 = segmented
-// sequential scan (dstate <= 16; `segments` a power of two <= 32, or 0 for the heuristic).
+// sequential scan with `segments` segments (a power of two <= 32; 0 = the heuristic's count, which
+// at one segment runs variant 4), 4 = the single-segment one-barrier kernel (3 and 4: dstate <= 16).
 // Returns the variant now in force.
 extern "C" int essm_tuning_set_scan_variant(int variant, int segments) {
-  essm::g_scan_variant = (variant >= 1 && variant <= 3) ? variant : 0;
+  essm::g_scan_variant = (variant >= 1 && variant <= 4) ? variant : 0;
   essm::g_scan_segments = segments;
   return essm::g_scan_variant;
 }

@@ -240,6 +240,8 @@ constexpr int kChunkWarps = kChunkThreads / 32;
 constexpr int kWm = 16;             // WMMA tile edge (m16n16k16)
 constexpr int kRowBlocks = kChunk / kWm, kColBlocks = kColTile / kWm;
 static_assert(kRowBlocks * kColBlocks == kChunkWarps, "one output tile of y per warp");
+static_assert(kChunkThreads % kChunk == 0 && kChunkThreads % kColTile == 0,
+              "elementwise phases give each thread a fixed column");
 
 // 16-bit operand type of the products: bf16 for bf16 inputs, fp16 otherwise (int8 is exact in it).
 template <typename Tin>
@@ -481,15 +483,18 @@ __global__ void __launch_bounds__(kChunkThreads)
     __syncthreads();
 
     // ---- M = G o exp(cum_t - cum_s) dt_s [s <= t] (output-only: 16-bit), and the state
-    // operand x_t dt_t exp(cum_end - cum_t) (true scale) split into 16-bit high + low parts
+    // operand x_t dt_t exp(cum_end - cum_t) (x at true scale) split into 16-bit high + low parts
     const float bc_scale = Bsc * Csc;
-    for (int i = tid; i < kChunk * kChunk; i += kChunkThreads) {
-      const int t = i / kChunk, s = i % kChunk;
-      const float m = s <= t ? Gs[t * lay.ldG + s] * bc_scale * __expf(cum[t] - cum[s]) * dts[s] : 0.f;
-      Ms[t * lay.ldQ + s] = from_float<Tm>(m);
+    {
+      const int s = tid % kChunk;  // a fixed column per thread: its cum and dt stay in registers
+      const float cum_s = cum[s], w_s = bc_scale * dts[s];
+      for (int t = tid / kChunk; t < kChunk; t += kChunkThreads / kChunk) {
+        const float m = s <= t ? Gs[t * lay.ldG + s] * w_s * __expf(cum[t] - cum_s) : 0.f;
+        Ms[t * lay.ldQ + s] = from_float<Tm>(m);
+      }
     }
     for (int t = tid / kColTile; t < kChunk; t += kChunkThreads / kColTile) {
-      const float v = to_float(xs[t * lay.ldP + my_c]) * my_xsc * dts[t] * e_in[t] * Bsc;
+      const float v = to_float(xs[t * lay.ldP + my_c]) * my_xsc * dts[t] * e_in[t];
       const Tm hi = from_float<Tm>(v);
       xhi[t * lay.ldP + my_c] = hi;
       xlo[t * lay.ldP + my_c] = from_float<Tm>(v - to_float(hi));
@@ -522,21 +527,24 @@ __global__ void __launch_bounds__(kChunkThreads)
       }
     }
 
-    // ---- state: S <- exp(cum_end) S + B^T (x_hi + x_lo). Each warp owns whole 16x16 tiles of S:
-    // it rescales, updates and re-rounds only its own tiles, so no block barrier is needed.
-    const float decay_end = e_out[kChunk - 1];
+    // ---- state: S <- exp(cum_end) S + B_scale B^T (x_hi + x_lo). Each warp owns whole 16x16
+    // tiles of S, so no block barrier is needed. During the products the accumulator holds
+    // S / B_scale (B is staged raw): x' then carries no B_scale factor, which keeps its 16-bit
+    // parts away from fp16's subnormal range for int8 inputs. Uniform scaling of an accumulator
+    // fragment is independent of its (opaque) element layout.
+    const float pre = e_out[kChunk - 1] / Bsc;
     for (int i = warp; i < nblk * kColBlocks; i += kChunkWarps) {
       const int rb = i / kColBlocks, cb = i % kColBlocks;
       float* tile = Sf + rb * kWm * lay.ldPf + cb * kWm;
-      for (int e = lane; e < kWm * kWm; e += 32) tile[(e / kWm) * lay.ldPf + e % kWm] *= decay_end;
-      __syncwarp();
       FragC acc;
       wmma::load_matrix_sync(acc, tile, lay.ldPf, wmma::mem_row_major);
+      for (int e = 0; e < acc.num_elements; ++e) acc.x[e] *= pre;
       // B^T (col-major view of Bs: element (n, t) is Bs[t][n]) times the high and the low part
       mma_k<FragAt, FragB>(acc, Bs + rb * kWm, lay.ldN, kWm * lay.ldN, xhi + cb * kWm, lay.ldP,
                            kWm * lay.ldP, kRowBlocks);
       mma_k<FragAt, FragB>(acc, Bs + rb * kWm, lay.ldN, kWm * lay.ldN, xlo + cb * kWm, lay.ldP,
                            kWm * lay.ldP, kRowBlocks);
+      for (int e = 0; e < acc.num_elements; ++e) acc.x[e] *= Bsc;
       wmma::store_matrix_sync(tile, acc, lay.ldPf, wmma::mem_row_major);
       __syncwarp();
       for (int e = lane; e < kWm * kWm; e += 32) {
