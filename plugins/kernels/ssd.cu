@@ -54,7 +54,7 @@ __device__ __forceinline__ float ssd_dt(float raw, float bias, int use_softplus,
   return fminf(fmaxf(v, lo), hi);
 }
 
-// Per-(head, group) parameters of the prefill kernels (int8 group scales are 1 for float io).
+// Per-(head, group) parameters of the SSD kernels (int8 group scales are 1 for float io).
 struct SsdHead {
   float A, dt_bias, D, B_scale, C_scale;
   __device__ SsdHead(const SsdArgs& p, int h, int g)
@@ -579,28 +579,26 @@ __global__ void __launch_bounds__(kSsdDecodeThreads)
   const int64_t bh = rr / P;
   const int h = static_cast<int>(bh % H), b = static_cast<int>(bh / H);
   const int g = h / (H / p.ngroups);
+  const SsdHead hp(p, h, g);  // (inactive lanes read row 0's: valid addresses, results unused)
   const float xv = load1(static_cast<const Tin*>(p.x) + rr,
                          p.x_scale != nullptr ? p.x_scale[h * P + pp] : 1.f);
-  const float dtv = ssd_dt(to_float(static_cast<const Tout*>(p.dt)[bh]),
-                           p.dt_bias != nullptr ? p.dt_bias[h] : 0.f, p.dt_softplus, p.dt_min,
-                           p.dt_max);
+  const float dtv = ssd_dt(to_float(static_cast<const Tout*>(p.dt)[bh]), hp.dt_bias,
+                           p.dt_softplus, p.dt_min, p.dt_max);
   const int64_t bc = (static_cast<int64_t>(b) * p.ngroups + g) * N;
   float acc = 0.f;
   if (active) {
-    const float a = expf(dtv * p.A[h]);
+    const float a = expf(dtv * hp.A);
     const float dtx = dtv * xv;
-    const float Bsc = p.B_scale != nullptr ? p.B_scale[g] : 1.f;
-    const float Csc = p.C_scale != nullptr ? p.C_scale[g] : 1.f;
     for (int n = sub; n < N; n += lanes) {
       const float s = fmaf(a, state_in[rr * N + n],
-                           dtx * load1(static_cast<const Tin*>(p.Bm) + bc + n, Bsc));
+                           dtx * load1(static_cast<const Tin*>(p.Bm) + bc + n, hp.B_scale));
       state_out[rr * N + n] = s;
-      acc = fmaf(s, load1(static_cast<const Tin*>(p.Cm) + bc + n, Csc), acc);
+      acc = fmaf(s, load1(static_cast<const Tin*>(p.Cm) + bc + n, hp.C_scale), acc);
     }
   }
   for (int off = lanes >> 1; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
   if (active && sub == 0) {
-    const float out = acc + (p.Dskip != nullptr ? p.Dskip[h] : 0.f) * xv;
+    const float out = acc + hp.D * xv;
     static_cast<Tout*>(p.y)[rr] = from_float<Tout>(out);
   }
 }
