@@ -37,6 +37,10 @@ def main(verbose: int) -> None:
 _BACKEND = click.option("--backend", type=click.Choice(["auto", "torch", "ort", "trt"]), default="auto", show_default=True,
                         help="auto: ONNX dirs run on ORT, engine dirs on TensorRT, checkpoints on torch.")
 _DEVICE = click.option("--device", default="cpu", show_default=True, help="torch backend device (cpu, cuda).")
+_GPU_WEIGHTS = click.option(
+    "--gpu-weights", type=click.Choice(["float", "w8a16", "w4a16"]), default="float", show_default=True,
+    help="With --device cuda, a float checkpoint's linear layers: float16 (cuBLAS) or weight-only int8 / int4 "
+         "quantized at load time (Triton GEMV kernels, CUDA-graph decode).")
 
 
 @main.command()
@@ -66,15 +70,16 @@ def info(model: Path, as_json: bool) -> None:
 @click.option("--seed", default=None, type=int, help="Seed for sampling (reproducible output).")
 @_BACKEND
 @_DEVICE
+@_GPU_WEIGHTS
 @click.option("--stop-at-eos/--no-stop-at-eos", default=False, show_default=True)
 def generate(model: Path, prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
-             seed: int | None, backend: str, device: str, stop_at_eos: bool) -> None:
+             seed: int | None, backend: str, device: str, gpu_weights: str, stop_at_eos: bool) -> None:
     """Generate text from MODEL (checkpoint, quantized dir, ONNX export or engine dir)."""
     from edgessm.runtime import open_backend
     from edgessm.runtime.generation import Sampling, generate as run_generate
     from edgessm.runtime.tokenizer import load_tokenizer
 
-    session = open_backend(model, backend, device)
+    session = open_backend(model, backend, device, gpu_weights=gpu_weights)
     tokenizer = load_tokenizer(model, session.config.vocab_size)
     ids = tokenizer.encode(prompt) or [session.config.bos_token_id or 0]
     result = run_generate(
@@ -96,16 +101,17 @@ def generate(model: Path, prompt: str, max_new_tokens: int, temperature: float, 
 @click.option("--max-windows", default=None, type=click.IntRange(1), help="Evaluate at most this many windows.")
 @_BACKEND
 @_DEVICE
+@_GPU_WEIGHTS
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the result as JSON.")
 def eval_cmd(model: Path, data: Path, window: int, max_windows: int | None, backend: str, device: str,
-             json_out: Path | None) -> None:
+             gpu_weights: str, json_out: Path | None) -> None:
     """Perplexity and next-token accuracy of MODEL (any backend) on held-out text."""
     from edgessm.io import atomic_write_json
     from edgessm.runtime import open_backend
     from edgessm.runtime.evaluate import evaluate_file
     from edgessm.runtime.tokenizer import load_tokenizer
 
-    session = open_backend(model, backend, device)
+    session = open_backend(model, backend, device, gpu_weights=gpu_weights)
     result = evaluate_file(session, data, load_tokenizer(model, session.config.vocab_size), window, max_windows, progress=True)
     click.echo(f"[{session.name}] perplexity {result.perplexity:.4f}  accuracy {100 * result.accuracy:.2f}%  "
                f"({result.tokens} tokens, {result.windows} windows of {window})")
@@ -117,19 +123,21 @@ def eval_cmd(model: Path, data: Path, window: int, max_windows: int | None, back
 @click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @_BACKEND
 @_DEVICE
+@_GPU_WEIGHTS
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(1))
 @click.option("--prompt-len", default=128, show_default=True, type=click.IntRange(1))
 @click.option("--new-tokens", default=32, show_default=True, type=click.IntRange(1))
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(1))
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the result as JSON.")
-def bench(model: Path, backend: str, device: str, batch: int, prompt_len: int, new_tokens: int, repeats: int,
-          json_out: Path | None) -> None:
+def bench(model: Path, backend: str, device: str, gpu_weights: str, batch: int, prompt_len: int, new_tokens: int,
+          repeats: int, json_out: Path | None) -> None:
     """Prefill tokens/s, decode ms/token and peak memory of MODEL on a backend."""
     from edgessm.io import atomic_write_json
     from edgessm.runtime import open_backend
     from edgessm.runtime.bench import bench_backend, format_table
 
-    result = bench_backend(open_backend(model, backend, device), batch, prompt_len, new_tokens, repeats).as_dict()
+    session = open_backend(model, backend, device, gpu_weights=gpu_weights)
+    result = bench_backend(session, batch, prompt_len, new_tokens, repeats).as_dict()
     click.echo(format_table([result], list(result)))
     if json_out:
         atomic_write_json(json_out, {"model": str(model), **result})
@@ -194,12 +202,13 @@ def export_cmd(model: Path, out: Path, scan: str, graphs: str, opset: int, exter
 @click.option("--new-tokens", default=16, show_default=True, type=click.IntRange(0))
 @_BACKEND
 @_DEVICE
+@_GPU_WEIGHTS
 @click.option("--compare", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Source checkpoint: also report the logits error vs PyTorch (float64) and greedy agreement.")
 @click.option("--threads", type=click.IntRange(1), help="ONNX Runtime intra-op threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def run_cmd(model: Path, token_ids: str | None, prompt: str, new_tokens: int, backend: str, device: str,
-            compare: Path | None, threads: int | None, as_json: bool) -> None:
+            gpu_weights: str, compare: Path | None, threads: int | None, as_json: bool) -> None:
     """Run MODEL (usually an ONNX export or engine dir): greedy tokens after a prompt, timings, optional check."""
     from edgessm.config import load_config
     from edgessm.runtime import run_model
@@ -214,7 +223,8 @@ def run_cmd(model: Path, token_ids: str | None, prompt: str, new_tokens: int, ba
     else:
         tokenizer = load_tokenizer(model, load_config(model).vocab_size)
         ids = tokenizer.encode(prompt) or [0]
-    report = run_model(model, np.array([ids], dtype=np.int64), new_tokens, backend, device, compare, threads)
+    report = run_model(model, np.array([ids], dtype=np.int64), new_tokens, backend, device, compare, threads,
+                       gpu_weights)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return

@@ -31,7 +31,7 @@ from edgessm.models.loading import random_model
 from edgessm.ops import cuda_kernels as K
 from edgessm.ops import triton_gemv as Q
 from edgessm.runtime.generation import generate
-from tests.conftest import rel_err
+from tests.conftest import MAMBA1_CONFIGS, MAMBA2_CONFIGS, rel_err
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -483,3 +483,74 @@ def test_backend_quantized(name: str, weights: str) -> None:
     errs = _teacher_forced(backend, ref, tokens, steps=8)
     print(f"{name} {weights} vs dequantized float32 model: max rel err {max(errs):.2e}")
     assert max(errs) < QUANT_BOUND, errs
+
+
+# ---- open_backend / CLI: --gpu-weights ------------------------------------------------------------------
+def test_cli_gpu_weights_are_cuda_backend_modes() -> None:
+    from edgessm.runtime import GPU_WEIGHTS
+    from edgessm.runtime.cuda_backend import WEIGHT_MODES
+
+    assert set(GPU_WEIGHTS) <= set(WEIGHT_MODES) and "w8a8" not in GPU_WEIGHTS
+
+
+@pytest.mark.parametrize("weights", ["float", "w8a16", "w4a16"])
+def test_open_backend_passes_gpu_weights_to_cuda_backend(weights: str, hf_checkpoint, monkeypatch) -> None:
+    """A float checkpoint on --device cuda opens the CUDA backend with the requested weight mode (the
+    constructor is recorded, so no GPU is needed; the backend itself is tested above and on the GPU)."""
+    import edgessm.runtime.cuda_backend as cuda_backend
+    from edgessm.models import MambaLM
+    from edgessm.runtime import open_backend
+
+    seen: dict = {}
+
+    class Recorder:
+        def __init__(self, model, device: str, weights: str) -> None:
+            seen.update(model=model, device=device, weights=weights)
+
+    monkeypatch.setattr(cuda_backend, "CudaBackend", Recorder)
+    _, path = hf_checkpoint("mamba1", **MAMBA1_CONFIGS["m1-default"])
+    assert isinstance(open_backend(path, "auto", "cuda", gpu_weights=weights), Recorder)
+    assert seen["weights"] == weights and seen["device"] == "cuda" and isinstance(seen["model"], MambaLM)
+
+
+def test_gpu_weights_outside_the_cuda_backend_is_an_error(hf_checkpoint, tmp_path: Path) -> None:
+    from edgessm.runtime import open_backend
+
+    _, path = hf_checkpoint("mamba2", **MAMBA2_CONFIGS["m2-g1-h16"])
+    with pytest.raises(ConfigError, match=r"--device cuda\); .* device 'cpu'"):
+        open_backend(path, "torch", "cpu", gpu_weights="w8a16")
+    with pytest.raises(ConfigError, match="unknown gpu_weights 'w8a8'"):
+        open_backend(path, "torch", "cuda", gpu_weights="w8a8")
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "quant_config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="already quantized"):
+        open_backend(tmp_path / "q", "torch", "cuda", gpu_weights="w4a16")
+
+
+def test_cli_gpu_weights_error_names_the_fix(hf_checkpoint) -> None:
+    from click.testing import CliRunner
+
+    from edgessm.cli import main
+
+    _, path = hf_checkpoint("mamba1", **MAMBA1_CONFIGS["m1-default"])
+    result = CliRunner().invoke(main, ["bench", str(path), "--gpu-weights", "w8a16", "--new-tokens", "1"])
+    assert result.exit_code != 0 and "--device cuda" in result.output, result.output
+
+
+@needs_gpu
+@needs_triton
+@pytest.mark.parametrize("weights", ["float", "w8a16", "w4a16"])
+def test_cli_bench_on_the_gpu(weights: str, hf_checkpoint, tmp_path: Path) -> None:
+    """`edgessm bench --device cuda --gpu-weights ...` end to end: the CUDA backend in the mode asked for."""
+    from click.testing import CliRunner
+
+    from edgessm.cli import main
+
+    _, path = hf_checkpoint("mamba2", **MAMBA2_CONFIGS["m2-g1-h16"])  # the kernels need dstate % 16 == 0
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(main, ["bench", str(path), "--device", "cuda", "--gpu-weights", weights, "--prompt-len",
+                                       "8", "--new-tokens", "4", "--repeats", "1", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["backend"] == ("cuda" if weights == "float" else f"cuda-{weights}")
+    assert math.isfinite(report["decode_ms_per_token"]) and report["decode_ms_per_token"] > 0

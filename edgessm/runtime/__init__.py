@@ -13,6 +13,9 @@ from edgessm.models import MambaLM
 from edgessm.runtime.backend import Backend, TorchBackend
 
 BACKENDS = ("auto", "torch", "ort", "trt")
+# Weight modes of the CUDA backend offered for float checkpoints (cuda_backend.WEIGHT_MODES less w8a8,
+# whose activation scales need calibration: `edgessm quantize` makes W8A8 models).
+GPU_WEIGHTS = ("float", "w8a16", "w4a16")
 
 
 def detect_backend(path: Path) -> str:
@@ -24,16 +27,29 @@ def detect_backend(path: Path) -> str:
     return "torch"
 
 
-def open_backend(path: str | Path, backend: str = "auto", device: str = "cpu", threads: int | None = None) -> Backend:
+def open_backend(path: str | Path, backend: str = "auto", device: str = "cpu", threads: int | None = None,
+                 gpu_weights: str = "float") -> Backend:
     """Open a checkpoint, quantized directory, ONNX export or TensorRT engine directory for running.
 
-    ``threads``: ONNX Runtime intra-op threads (default: ORT's choice).
+    ``threads``: ONNX Runtime intra-op threads (default: ORT's choice). ``gpu_weights``: how the CUDA
+    backend (a float checkpoint on a CUDA ``device``) runs its linear layers: ``float`` (cuBLAS) or
+    weight-only quantized on the Triton GEMV kernels (``w8a16``, ``w4a16``; see
+    ``edgessm.runtime.cuda_backend``).
     """
     path = Path(path)
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if gpu_weights not in GPU_WEIGHTS:
+        raise ConfigError(f"unknown gpu_weights {gpu_weights!r}: expected one of {', '.join(GPU_WEIGHTS)}")
     if backend == "auto":
         backend = detect_backend(path)
+    on_cuda_backend = backend == "torch" and torch.device(device).type == "cuda" and not is_quantized_dir(path)
+    if gpu_weights != "float" and not on_cuda_backend:
+        raise ConfigError(
+            f"gpu_weights={gpu_weights!r} quantizes a float checkpoint for the CUDA backend (--device cuda); "
+            f"{path} would run on backend {backend!r}, device {device!r}"
+            + (" and is already quantized (edgessm quantize)" if is_quantized_dir(path) else "")
+        )
     if backend == "ort":
         from edgessm.runtime.ort import OrtBackend
 
@@ -43,18 +59,23 @@ def open_backend(path: str | Path, backend: str = "auto", device: str = "cpu", t
 
         return TrtBackend(path)
     model = load_any_model(path)
-    if torch.device(device).type == "cuda" and isinstance(model, MambaLM):
+    if on_cuda_backend and isinstance(model, MambaLM):
         # float checkpoints on a GPU run on the CUDA kernels with a CUDA-graph decode step
         from edgessm.runtime.cuda_backend import CudaBackend
 
-        return CudaBackend(model, device=device)
+        return CudaBackend(model, device=device, weights=gpu_weights)
     return TorchBackend(model, device=device)
+
+
+def is_quantized_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a directory written by ``edgessm quantize``."""
+    return (Path(path) / "quant_config.json").is_file()
 
 
 def load_any_model(path: str | Path):  # -> MambaLM or a quantized model with the same API
     """A float checkpoint, or a directory written by ``edgessm quantize`` (quant_config.json)."""
     path = Path(path)
-    if (path / "quant_config.json").is_file():
+    if is_quantized_dir(path):
         from edgessm.quant import load_quantized
 
         return load_quantized(path)
@@ -65,7 +86,7 @@ def load_any_model(path: str | Path):  # -> MambaLM or a quantized model with th
 
 def run_model(
     path: str | Path, tokens: np.ndarray, new_tokens: int, backend: str = "auto", device: str = "cpu",
-    compare: str | Path | None = None, threads: int | None = None,
+    compare: str | Path | None = None, threads: int | None = None, gpu_weights: str = "float",
 ) -> dict[str, Any]:
     """Greedy-generate ``new_tokens`` after ``tokens`` [B, T] on a backend (what ``edgessm run`` prints).
 
@@ -75,7 +96,7 @@ def run_model(
     from edgessm.models import load_model
     from edgessm.runtime.generation import generate
 
-    session = open_backend(path, backend, device, threads)
+    session = open_backend(path, backend, device, threads, gpu_weights)
     result = generate(session, tokens, new_tokens)
     report: dict[str, Any] = {
         "model": str(path), "backend": session.name, "arch": session.config.arch,
@@ -95,4 +116,5 @@ def run_model(
     return report
 
 
-__all__ = ["Backend", "TorchBackend", "BACKENDS", "detect_backend", "open_backend", "load_any_model", "run_model"]
+__all__ = ["Backend", "TorchBackend", "BACKENDS", "GPU_WEIGHTS", "detect_backend", "is_quantized_dir", "open_backend",
+           "load_any_model", "run_model"]

@@ -224,6 +224,7 @@ class CudaBackend:
             raise ConfigError(f"weights={weights!r} needs a float16/bfloat16 model, this one is {self.dtype}")
         self.config = self.model.config
         self.weights = weights
+        self.name = "cuda" if weights == "float" else f"cuda-{weights}"  # what reports and `bench` print
         self.use_graph = use_graph
         if weights == "w8a8" and act_scales is None:
             act_scales = self._default_calibration(calib_tokens)
