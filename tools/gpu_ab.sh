@@ -11,7 +11,8 @@
 # kernels), CUDA_ARCHS (default 90), PYTHON (default python3), DECODE_ARGS (when set, also time
 # benchmarks/gpu_decode.py with these arguments in both trees), SKIP_CHECK=1 (no correctness run),
 # SKIP_KERNEL_BENCH=1 (no kernel benchmark: for patches outside plugins/), B_TESTS (pytest files run
-# in tree B against its kernels, e.g. tests/test_cuda_backend.py).
+# in tree B against its kernels, e.g. tests/test_cuda_backend.py), TensorRT_ROOT (TensorRT headers:
+# also run the TensorRT plugin harness on tree B, whose plugins call the patched launchers).
 # Results: $OUT/{a,b}{1,2}/bench_kernels.json, $OUT/b/check_kernels.json, $OUT/{a,b}/gpu_decode.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -58,6 +59,14 @@ if [ -n "${B_TESTS:-}" ]; then
   (cd "$tree_b" && EDGESSM_KERNELS_LIB="$lib_b" PYTHONPATH="$tree_b" "$PYTHON" -m pytest -q -p no:cacheprovider $B_TESTS) \
     > "$OUT/b/tests.log" 2>&1 || status=1
   tail -3 "$OUT/b/tests.log"
+fi
+
+if [ -n "${TensorRT_ROOT:-}" ]; then
+  echo "== TensorRT plugin harness of B"
+  mkdir -p "$OUT/b"
+  BUILD_DIR="$tree_b/build/plugins-trt" CUDA_ARCHS="$CUDA_ARCHS" TensorRT_ROOT="$(realpath "$TensorRT_ROOT")" \
+    bash "$tree_b/plugins/trt/run_harness.sh" > "$OUT/b/trt_harness.log" 2>&1 || status=1
+  tail -1 "$OUT/b/trt_harness.log"
 fi
 
 bench() {  # bench NAME TREE LIB
