@@ -396,7 +396,8 @@ __device__ __forceinline__ void seq_fetch_tok(SeqTok<Tin>& tk, const ScanArgs& p
   fetch_run<Tin, kSeqTile>(static_cast<const Tin*>(p.delta) + row_off + tok, valid, tk.d);
 }
 
-// dt (softplus'd, 0 on padding tokens so that they are identity steps) and u of one tile;
+// dt (softplus'd in the kMath form, 0 on padding tokens so that they are identity steps) and u of
+// one tile.
 template <typename Tin, ScanMath kMath = ScanMath::kSfu>
 __device__ __forceinline__ void seq_dt_u(const SeqTok<Tin>& tk, const ScanArgs& p, int tok,
                                          bool row_ok, const SeqChannel& ch,
