@@ -487,10 +487,16 @@ def test_backend_quantized(name: str, weights: str) -> None:
 
 # ---- open_backend / CLI: --gpu-weights ------------------------------------------------------------------
 def test_cli_gpu_weights_are_cuda_backend_modes() -> None:
+    """The CLI spells the choices out (it does not import torch to print --help): they must stay
+    GPU_WEIGHTS, which must stay CUDA-backend modes."""
+    from edgessm.cli import main
     from edgessm.runtime import GPU_WEIGHTS
     from edgessm.runtime.cuda_backend import WEIGHT_MODES
 
     assert set(GPU_WEIGHTS) <= set(WEIGHT_MODES) and "w8a8" not in GPU_WEIGHTS
+    for command in ("run", "generate", "eval", "bench"):
+        option = next(o for o in main.commands[command].params if o.name == "gpu_weights")
+        assert tuple(option.type.choices) == GPU_WEIGHTS, command
 
 
 @pytest.mark.parametrize("weights", ["float", "w8a16", "w4a16"])

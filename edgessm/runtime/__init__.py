@@ -9,7 +9,6 @@ import numpy as np
 import torch
 
 from edgessm.errors import ConfigError
-from edgessm.models import MambaLM
 from edgessm.runtime.backend import Backend, TorchBackend
 
 BACKENDS = ("auto", "torch", "ort", "trt")
@@ -43,12 +42,14 @@ def open_backend(path: str | Path, backend: str = "auto", device: str = "cpu", t
         raise ConfigError(f"unknown gpu_weights {gpu_weights!r}: expected one of {', '.join(GPU_WEIGHTS)}")
     if backend == "auto":
         backend = detect_backend(path)
-    on_cuda_backend = backend == "torch" and torch.device(device).type == "cuda" and not is_quantized_dir(path)
+    quantized = is_quantized_dir(path)
+    # float checkpoints on a GPU run on the CUDA kernels with a CUDA-graph decode step
+    on_cuda_backend = backend == "torch" and torch.device(device).type == "cuda" and not quantized
     if gpu_weights != "float" and not on_cuda_backend:
         raise ConfigError(
             f"gpu_weights={gpu_weights!r} quantizes a float checkpoint for the CUDA backend (--device cuda); "
             f"{path} would run on backend {backend!r}, device {device!r}"
-            + (" and is already quantized (edgessm quantize)" if is_quantized_dir(path) else "")
+            + (" and is already quantized (edgessm quantize)" if quantized else "")
         )
     if backend == "ort":
         from edgessm.runtime.ort import OrtBackend
@@ -59,8 +60,7 @@ def open_backend(path: str | Path, backend: str = "auto", device: str = "cpu", t
 
         return TrtBackend(path)
     model = load_any_model(path)
-    if on_cuda_backend and isinstance(model, MambaLM):
-        # float checkpoints on a GPU run on the CUDA kernels with a CUDA-graph decode step
+    if on_cuda_backend:
         from edgessm.runtime.cuda_backend import CudaBackend
 
         return CudaBackend(model, device=device, weights=gpu_weights)
