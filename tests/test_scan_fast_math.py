@@ -107,17 +107,20 @@ def _points() -> F32:
                            np.float32([-20.0, 20.0, np.nextafter(np.float32(20), np.float32(21)), 1e-30, -1e-30])])
 
 
-def _max_rel_err(got: F32, want: npt.NDArray[np.float64]) -> float:
+def _rel_errs(got: F32, want: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
+    """|got / want - 1| where want != 0 (got must be exactly 0 elsewhere), and that mask."""
     nz = want != 0
     assert np.all(got[~nz] == 0)
-    return float(np.max(np.abs(got[nz].astype(np.float64) / want[nz] - 1)))
+    return np.abs(got[nz].astype(np.float64) / want[nz] - 1), nz
+
+
+def _max_rel_err(got: F32, want: npt.NDArray[np.float64]) -> float:
+    return float(np.max(_rel_errs(got, want)[0]))
 
 
 def _within_bound(got: F32, want: npt.NDArray[np.float64], x: F32) -> bool:
     """|got / want - 1| <= X_TERM |x| + REST at every point."""
-    nz = want != 0
-    assert np.all(got[~nz] == 0)
-    err = np.abs(got[nz].astype(np.float64) / want[nz] - 1)
+    err, nz = _rel_errs(got, want)
     return bool(np.all(err <= X_TERM * np.abs(x[nz].astype(np.float64)) + REST))
 
 
