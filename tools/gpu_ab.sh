@@ -3,9 +3,9 @@
 # run the float64 correctness harness on the patched one, then time both with the same benchmark
 # commands back to back (A, B, A, B: the second pair shows the run-to-run noise).
 #
-#   OUT=/tmp/out ONLY=scan,ssd bash tools/gpu_ab.sh docs/proposals/some.patch
+#   OUT=/tmp/out ONLY=scan,ssd bash tools/gpu_ab.sh /tmp/change.patch
 #   OUT=/tmp/out ONLY=ssd DECODE_ARGS="--configs mamba1-1.4b --modes float,w8a16 --no-baselines --steps 200" \
-#     bash tools/gpu_ab.sh docs/proposals/some.patch
+#     bash tools/gpu_ab.sh /tmp/change.patch
 #
 # Environment: OUT (default out/gpu_ab), ONLY (the harness/benchmark --only filter; empty = all
 # kernels), CUDA_ARCHS (default 90), PYTHON (default python3), DECODE_ARGS (when set, also time

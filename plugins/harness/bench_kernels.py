@@ -37,8 +37,9 @@ EAGER_REPS = 3
 SCAN_VARIANTS = {(0, 0): "auto", (1, 0): "chunked/r1", (2, 0): "chunked/r2", (3, 1): "seq/S1", (3, 2): "seq/S2",
                  (3, 4): "seq/S4", (3, 8): "seq/S8", (3, 16): "seq/S16", (3, 32): "seq/S32", (4, 0): "seq1"}
 
-# SSD prefill forms timed (essm_tuning_set_ssd_variant) -> label; "auto" is the chunked form for f16 output.
-SSD_VARIANTS = {0: "auto", 1: "direct"}
+# SSD prefill forms timed (essm_tuning_set_ssd_variant) -> label; "auto" is the chunked form for f16 output,
+# with 8 or 16 warps per block by occupancy.
+SSD_VARIANTS = {0: "auto", 1: "direct", 2: "chunked/8w", 3: "chunked/16w"}
 
 
 @dataclass

@@ -50,6 +50,9 @@ QUANT_OUT = (ESSM_F16, ESSM_F32, ESSM_BF16)  # out dtypes tested with int8 input
 # Prefill-scan variants (essm_tuning_set_scan_variant): (variant, segments) -> label.
 SCAN_VARIANTS = {(0, 0): "auto", (1, 0): "chunked/r1", (2, 0): "chunked/r2", (3, 1): "seq/S1", (3, 4): "seq/S4",
                  (3, 32): "seq/S32", (4, 0): "seq1"}
+# SSD prefill forms checked for 16-bit outputs (essm_tuning_set_ssd_variant) -> label; float32 outputs
+# always take the direct form.
+SSD_VARIANTS = {0: "auto", 1: "direct", 2: "chunked/8w", 3: "chunked/16w"}
 SEQ_MAX_STATE = 16  # the sequential variants (3, 4) handle dstate <= 16
 
 
@@ -242,8 +245,9 @@ class Checker:
         return dict(dev=dict(x=x, B=bm, C=cm), vals=dict(x=x64, B=b64, C=c64), scales=None, keep=None)
 
     def ssd(self, batch: int, seqlen: int, nheads: int, headdim: int, ngroups: int, dstate: int, in_dt: int,
-            out_dt: int, *, init: bool, clamp: bool) -> None:
-        case = f"B{batch} L{seqlen} H{nheads} P{headdim} G{ngroups} N{dstate} h0{int(init)} clamp{int(clamp)}"
+            out_dt: int, *, init: bool, clamp: bool, variant: int = 0) -> None:
+        case = (f"B{batch} L{seqlen} H{nheads} P{headdim} G{ngroups} N{dstate} h0{int(init)} clamp{int(clamp)} "
+                f"{SSD_VARIANTS[variant]}")
         dtname = f"{DTYPE_NAMES[in_dt]}->{DTYPE_NAMES[out_dt]}"
         io = self._ssd_inputs((batch, seqlen, nheads, headdim), (batch, seqlen, ngroups, dstate), nheads,
                               headdim, ngroups, in_dt)
@@ -256,10 +260,14 @@ class Checker:
         s0, s064 = self.f32(self.rng.normal(0, 1, (batch, nheads, headdim, dstate))) if init else (None, None)
         y = self.poisoned((batch, seqlen, nheads, headdim), out_dt)
         sT = self.poisoned((batch, nheads, headdim, dstate), ESSM_F32)
-        self.lib.call("essm_ssd_scan_fwd", in_dt, out_dt, ptr(dv["x"]), ptr(dt), ptr(A), ptr(dv["B"]), ptr(dv["C"]),
-                      ptr(Dk), ptr(db), 1, dt_min, dt_max, io["scales"], ptr(s0), ptr(y), ptr(sT), batch, seqlen,
-                      nheads, headdim, ngroups, dstate, 256)
-        torch.cuda.synchronize()
+        self.lib.set_ssd_variant(variant)
+        try:
+            self.lib.call("essm_ssd_scan_fwd", in_dt, out_dt, ptr(dv["x"]), ptr(dt), ptr(A), ptr(dv["B"]), ptr(dv["C"]),
+                          ptr(Dk), ptr(db), 1, dt_min, dt_max, io["scales"], ptr(s0), ptr(y), ptr(sT), batch, seqlen,
+                          nheads, headdim, ngroups, dstate, 256)
+            torch.cuda.synchronize()
+        finally:
+            self.lib.set_ssd_variant(0)
         y_ref, s_ref = ref.ssd_scan(vals["x"], dt64, A64, vals["B"], vals["C"], D64, db64, True, dt_min, dt_max,
                                     s064)
         self.compare("ssd_scan_fwd", case, dtname, "y", y, y_ref, TOLERANCE[out_dt])
@@ -382,8 +390,9 @@ def run_all(chk: Checker, only: set[str] | None = None) -> None:
             (1, 1000, 3, 64, 1, 128, True, False), (1, 70, 2, 20, 1, 32, True, True),
         ]
         for (b, l, h, p, g, n, init, clamp) in ssd_cases:
-            add(("ssd", lambda b=b, l=l, h=h, p=p, g=g, n=n, init=init, clamp=clamp, i=in_dt, o=out_dt:
-                 chk.ssd(b, l, h, p, g, n, i, o, init=init, clamp=clamp)))
+            for v in SSD_VARIANTS if out_dt != ESSM_F32 else (0,):
+                add(("ssd", lambda b=b, l=l, h=h, p=p, g=g, n=n, init=init, clamp=clamp, i=in_dt, o=out_dt, v=v:
+                     chk.ssd(b, l, h, p, g, n, i, o, init=init, clamp=clamp, variant=v)))
         for (b, h, p, g, n, ip, clamp) in [(2, 4, 64, 1, 128, False, True), (1, 6, 48, 2, 16, True, False),
                                             (3, 8, 32, 4, 256, False, False)]:
             add(("ssd_update", lambda b=b, h=h, p=p, g=g, n=n, ip=ip, clamp=clamp, i=in_dt, o=out_dt:

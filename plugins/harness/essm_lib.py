@@ -136,5 +136,7 @@ class KernelLib:
 
     def set_ssd_variant(self, variant: int) -> int:
         """Force the SSD prefill form (ssd.cu): 0 by output dtype (chunked tensor-core form for 16-bit
-        outputs, direct recurrence for float32), 1 direct recurrence always. Returns the variant in force."""
+        outputs with 8 or 16 warps per block by occupancy, direct recurrence for float32), 1 direct
+        recurrence always, 2 / 3 the chunked form with 8 / 16 warps (16-bit outputs). Returns the variant
+        in force."""
         return int(self._lib.essm_tuning_set_ssd_variant(variant))

@@ -233,15 +233,23 @@ __global__ void __launch_bounds__(kSsdMaxState / kSsdStates * kSsdRows)
 }
 
 // ---- chunked form on tensor cores ------------------------------------------------------------
-constexpr int kChunk = 64;          // tokens per chunk
-constexpr int kColTile = 32;        // headdim columns per block
-constexpr int kChunkThreads = 256;  // 8 warps
-constexpr int kChunkWarps = kChunkThreads / 32;
-constexpr int kWm = 16;             // WMMA tile edge (m16n16k16)
+constexpr int kChunk = 64;    // tokens per chunk
+constexpr int kColTile = 32;  // headdim columns per block
+constexpr int kWm = 16;       // WMMA tile edge (m16n16k16)
 constexpr int kRowBlocks = kChunk / kWm, kColBlocks = kColTile / kWm;
-static_assert(kRowBlocks * kColBlocks == kChunkWarps, "one output tile of y per warp");
-static_assert(kChunkThreads % kChunk == 0 && kChunkThreads % kColTile == 0,
-              "elementwise phases give each thread a fixed column");
+constexpr int kYTiles = kRowBlocks * kColBlocks;  // 16x16 tiles of one chunk's y
+// Warps per block: 8 (each owns one tile of Y1 = M x and of Y2 = C S) or 16 (one tile of Y1 or of
+// Y2, and half the share of every other phase). A chunk is a chain of barrier-separated phases of a
+// few WMMA products each, latency-bound when few warps are resident: where the grid leaves an SM
+// with one 8-warp block (batch-1 prefill on an H100; every launch on Orin, whose 164 KiB per SM
+// hold one block), 16 warps halve the chain; where two 8-warp blocks fit per SM, they interleave
+// their barriers and stay.
+constexpr int kChunkWarpChoices[] = {8, 16};
+template <int kWarps>
+constexpr bool chunk_warps_ok() {
+  return (kWarps == kYTiles || kWarps == 2 * kYTiles) && (32 * kWarps) % kChunk == 0 &&
+         (32 * kWarps) % kColTile == 0;  // elementwise phases give each thread a fixed column
+}
 
 // 16-bit operand type of the products: bf16 for bf16 inputs, fp16 otherwise (int8 is exact in it).
 template <typename Tin>
@@ -299,12 +307,12 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_b
 // take consecutive 16-byte words of the flattened tile: every lane of a warp issues a copy (a
 // row-per-warp split left half the lanes idle at dstate 128 and was 20% slower end to end on an
 // H100, docs/benchmarks.md).
-template <typename Tin>
+template <typename Tin, int kThreads>
 __device__ __forceinline__ void fetch_chunk_tile(Tin* dst, int ld, const Tin* src, int64_t row_stride,
                                                  int rows, int width, int cols, bool async) {
   constexpr int V = 16 / sizeof(Tin);
   const int per_row = width / V;
-  for (int i = threadIdx.x; i < kChunk * per_row; i += kChunkThreads) {
+  for (int i = threadIdx.x; i < kChunk * per_row; i += kThreads) {
     const int r = i / per_row, c = (i % per_row) * V;
     const int valid = r < rows ? min(max(cols - c, 0), V) : 0;
     const Tin* from = valid > 0 ? src + r * row_stride + c : src;
@@ -319,10 +327,11 @@ __device__ __forceinline__ void fetch_chunk_tile(Tin* dst, int ld, const Tin* sr
 }
 
 // int8 raw tile -> fp16 operand tile (exact), 4 elements per step, rows by warp as above.
+template <int kThreads>
 __device__ __forceinline__ void widen_chunk_tile(__half* dst, int ld, const int8_t* src, int ld_src,
                                                  int width) {
   const int lane = threadIdx.x & 31;
-  for (int r = threadIdx.x >> 5; r < kChunk; r += kChunkThreads / 32) {
+  for (int r = threadIdx.x >> 5; r < kChunk; r += kThreads / 32) {
     for (int c = lane * 4; c < width; c += 128) {
       const char4 v = *reinterpret_cast<const char4*>(src + r * ld_src + c);
       __half2* d = reinterpret_cast<__half2*>(dst + r * ld + c);
@@ -354,10 +363,12 @@ __device__ __forceinline__ void mma_k(FragC& acc, const Tm* a, int lda, int a_st
   }
 }
 
-template <typename Tin, typename Tout>
-__global__ void __launch_bounds__(kChunkThreads)
+template <typename Tin, typename Tout, int kWarps>
+__global__ void __launch_bounds__(32 * kWarps)
     ssd_chunked_kernel(const SsdArgs p, int ptiles, bool async) {
   using namespace nvcuda;
+  static_assert(chunk_warps_ok<kWarps>(), "see kChunkWarpChoices");
+  constexpr int kChunkThreads = 32 * kWarps, kChunkWarps = kWarps;
   using Tm = MmaType<Tin>;
   using FragA = wmma::fragment<wmma::matrix_a, kWm, kWm, kWm, Tm, wmma::row_major>;
   using FragAt = wmma::fragment<wmma::matrix_a, kWm, kWm, kWm, Tm, wmma::col_major>;
@@ -429,11 +440,11 @@ __global__ void __launch_bounds__(kChunkThreads)
     // ---- stage C, B, x and dt (padding tokens: dt = 0 and zero operands, an identity step)
     const int64_t tok0 = static_cast<int64_t>(b) * L + c0;
     const int64_t bc0 = tok0 * bc_stride + static_cast<int64_t>(g) * N;
-    fetch_chunk_tile<Tin>(Craw, lay.ldNr, static_cast<const Tin*>(p.Cm) + bc0, bc_stride, rows, N, N,
+    fetch_chunk_tile<Tin, kChunkThreads>(Craw, lay.ldNr, static_cast<const Tin*>(p.Cm) + bc0, bc_stride, rows, N, N,
                           async);
-    fetch_chunk_tile<Tin>(Braw, lay.ldNr, static_cast<const Tin*>(p.Bm) + bc0, bc_stride, rows, N, N,
+    fetch_chunk_tile<Tin, kChunkThreads>(Braw, lay.ldNr, static_cast<const Tin*>(p.Bm) + bc0, bc_stride, rows, N, N,
                           async);
-    fetch_chunk_tile<Tin>(xraw, lay.ldPr,
+    fetch_chunk_tile<Tin, kChunkThreads>(xraw, lay.ldPr,
                           static_cast<const Tin*>(p.x) + tok0 * x_stride + static_cast<int64_t>(h) * P + p0,
                           x_stride, rows, kColTile, pcols, async);
     if (async) asm volatile("cp.async.commit_group;\n" ::);
@@ -444,9 +455,9 @@ __global__ void __launch_bounds__(kChunkThreads)
     if (async) asm volatile("cp.async.wait_group 0;\n" ::);
     __syncthreads();
     if constexpr (std::is_same<Tin, int8_t>::value) {
-      widen_chunk_tile(Cs, lay.ldN, Craw, lay.ldNr, N);
-      widen_chunk_tile(Bs, lay.ldN, Braw, lay.ldNr, N);
-      widen_chunk_tile(xs, lay.ldP, xraw, lay.ldPr, kColTile);
+      widen_chunk_tile<kChunkThreads>(Cs, lay.ldN, Craw, lay.ldNr, N);
+      widen_chunk_tile<kChunkThreads>(Bs, lay.ldN, Braw, lay.ldNr, N);
+      widen_chunk_tile<kChunkThreads>(xs, lay.ldP, xraw, lay.ldPr, kColTile);
       __syncthreads();
     }
 
@@ -501,19 +512,25 @@ __global__ void __launch_bounds__(kChunkThreads)
     }
     __syncthreads();
 
-    // ---- one 16x16 tile of Y1 = M x (causal: k blocks <= rb) and of Y2 = C S per warp
+    // ---- 16x16 tiles of Y1 = M x (causal: k blocks <= rb) and Y2 = C S: with 8 warps one of
+    // each per warp (two independent accumulators), with 16 one per warp (warps 0-7 Y1, 8-15 Y2).
+    // Y1/Y2 alias G: every warp finished reading G before the barrier above.
     {
-      const int rb = warp / kColBlocks, cb = warp % kColBlocks;
+      const int yt = warp % kYTiles, rb = yt / kColBlocks, cb = yt % kColBlocks;
+      const bool y1 = kWarps == kYTiles || warp < kYTiles, y2 = kWarps == kYTiles || warp >= kYTiles;
       FragC a1, a2;
       wmma::fill_fragment(a1, 0.f);
       wmma::fill_fragment(a2, 0.f);
-      mma_k<FragA, FragB>(a1, Ms + rb * kWm * lay.ldQ, lay.ldQ, kWm, xs + cb * kWm, lay.ldP,
-                          kWm * lay.ldP, rb + 1);
-      mma_k<FragA, FragB>(a2, Cs + rb * kWm * lay.ldN, lay.ldN, kWm, Sh + cb * kWm, lay.ldP,
-                          kWm * lay.ldP, nblk);
-      // Y1/Y2 alias G: every warp finished reading G before the barrier above
-      wmma::store_matrix_sync(Y1 + rb * kWm * lay.ldPf + cb * kWm, a1, lay.ldPf, wmma::mem_row_major);
-      wmma::store_matrix_sync(Y2 + rb * kWm * lay.ldPf + cb * kWm, a2, lay.ldPf, wmma::mem_row_major);
+      if (y1)
+        mma_k<FragA, FragB>(a1, Ms + rb * kWm * lay.ldQ, lay.ldQ, kWm, xs + cb * kWm, lay.ldP,
+                            kWm * lay.ldP, rb + 1);
+      if (y2)
+        mma_k<FragA, FragB>(a2, Cs + rb * kWm * lay.ldN, lay.ldN, kWm, Sh + cb * kWm, lay.ldP,
+                            kWm * lay.ldP, nblk);
+      if (y1)
+        wmma::store_matrix_sync(Y1 + rb * kWm * lay.ldPf + cb * kWm, a1, lay.ldPf, wmma::mem_row_major);
+      if (y2)
+        wmma::store_matrix_sync(Y2 + rb * kWm * lay.ldPf + cb * kWm, a2, lay.ldPf, wmma::mem_row_major);
     }
     __syncthreads();
 
@@ -603,7 +620,8 @@ __global__ void __launch_bounds__(kSsdDecodeThreads)
   }
 }
 
-// Benchmark/tuning override (essm_tuning_set_ssd_variant): 0 = by output dtype, 1 = direct.
+// Benchmark/tuning override (essm_tuning_set_ssd_variant): 0 = by output dtype, 1 = direct,
+// 2 / 3 = chunked with 8 / 16 warps per block (16-bit outputs).
 int g_ssd_variant = 0;
 
 template <typename Tin, typename Tout>
@@ -619,28 +637,62 @@ cudaError_t launch_ssd_direct(const SsdArgs& a, cudaStream_t stream) {
 
 // The chunked form; the direct form where the chunked form's shared memory (it grows with dstate:
 // 169 KiB for f16 at 256) exceeds the device's per-block limit (163 KiB on Orin, 227 KiB on H100).
-template <typename Tin, typename Tout>
-cudaError_t launch_ssd_chunked(const SsdArgs& a, cudaStream_t stream) {
-  const ChunkSmem lay(a.dstate, sizeof(Tin));
-  int dev = 0, smem_max = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err == cudaSuccess)
-    err = cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+template <typename Tin, typename Tout, int kWarps>
+cudaError_t launch_ssd_chunked_warps(const SsdArgs& a, const ChunkSmem& lay, int64_t blocks,
+                                     int ptiles, cudaStream_t stream) {
+  const auto kernel = ssd_chunked_kernel<Tin, Tout, kWarps>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(lay.bytes));
   if (err != cudaSuccess) return err;
-  if (lay.bytes > static_cast<size_t>(smem_max)) return launch_ssd_direct<Tin, Tout>(a, stream);
-  err = cudaFuncSetAttribute(ssd_chunked_kernel<Tin, Tout>,
-                                               cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               static_cast<int>(lay.bytes));
-  if (err != cudaSuccess) return err;
-  const int ptiles = (a.headdim + kColTile - 1) / kColTile;
-  const int64_t blocks = static_cast<int64_t>(a.batch) * a.nheads * ptiles;
-  if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
   // cp.async moves 16-byte words: x rows (and the head offset inside a row) must keep that alignment
   // (B/C rows always do: aligned base, dstate a multiple of 16); otherwise ordinary loads.
   const bool async = reinterpret_cast<uintptr_t>(a.x) % 16 == 0 && (a.headdim * sizeof(Tin)) % 16 == 0;
-  ssd_chunked_kernel<Tin, Tout>
-      <<<static_cast<unsigned>(blocks), kChunkThreads, lay.bytes, stream>>>(a, ptiles, async);
+  kernel<<<static_cast<unsigned>(blocks), 32 * kWarps, lay.bytes, stream>>>(a, ptiles, async);
   return launch_status();
+}
+
+// Warps resident per SM for a launch of `blocks` blocks of kWarps warps (the busiest SM's share).
+template <typename Tin, typename Tout, int kWarps>
+cudaError_t chunked_resident_warps(const ChunkSmem& lay, int64_t blocks, int sms, int64_t* warps) {
+  const auto kernel = ssd_chunked_kernel<Tin, Tout, kWarps>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(lay.bytes));
+  int per_sm = 0;
+  if (err == cudaSuccess)
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 32 * kWarps, lay.bytes);
+  if (err != cudaSuccess) return err;
+  const int64_t share = (blocks + sms - 1) / sms;
+  *warps = (share < per_sm ? share : per_sm) * kWarps;
+  return cudaSuccess;
+}
+
+// The chunked form; the direct form where the chunked form's shared memory (it grows with dstate:
+// 169 KiB for f16 at 256) exceeds the device's per-block limit (163 KiB on Orin, 227 KiB on H100).
+// 16 warps per block where that puts more warps on the busiest SM than 8 (see kChunkWarpChoices),
+// unless `warps` forces one.
+template <typename Tin, typename Tout>
+cudaError_t launch_ssd_chunked(const SsdArgs& a, int warps, cudaStream_t stream) {
+  static_assert(kChunkWarpChoices[0] == 8 && kChunkWarpChoices[1] == 16, "instantiations below");
+  const ChunkSmem lay(a.dstate, sizeof(Tin));
+  int dev = 0, smem_max = 0, sms = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err == cudaSuccess)
+    err = cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  if (err != cudaSuccess) return err;
+  if (lay.bytes > static_cast<size_t>(smem_max)) return launch_ssd_direct<Tin, Tout>(a, stream);
+  const int ptiles = (a.headdim + kColTile - 1) / kColTile;
+  const int64_t blocks = static_cast<int64_t>(a.batch) * a.nheads * ptiles;
+  if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
+  if (warps != 8 && warps != 16) {
+    int64_t w8 = 0, w16 = 0;
+    err = chunked_resident_warps<Tin, Tout, 8>(lay, blocks, sms, &w8);
+    if (err == cudaSuccess) err = chunked_resident_warps<Tin, Tout, 16>(lay, blocks, sms, &w16);
+    if (err != cudaSuccess) return err;
+    warps = w16 > w8 ? 16 : 8;
+  }
+  return warps == 16 ? launch_ssd_chunked_warps<Tin, Tout, 16>(a, lay, blocks, ptiles, stream)
+                     : launch_ssd_chunked_warps<Tin, Tout, 8>(a, lay, blocks, ptiles, stream);
 }
 
 bool ssd_sizes_ok(int batch, int nheads, int headdim, int ngroups, int dstate) {
@@ -715,14 +767,15 @@ extern "C" cudaError_t essm_ssd_scan_fwd(essm_dtype in_dtype, essm_dtype out_dty
     if constexpr (std::is_same<Tout, float>::value) {
       return launch_ssd_direct<Tin, Tout>(a, stream);
     } else {
-      return g_ssd_variant == 1 ? launch_ssd_direct<Tin, Tout>(a, stream)
-                                : launch_ssd_chunked<Tin, Tout>(a, stream);
+      if (g_ssd_variant == 1) return launch_ssd_direct<Tin, Tout>(a, stream);
+      return launch_ssd_chunked<Tin, Tout>(a, g_ssd_variant == 2 ? 8 : g_ssd_variant == 3 ? 16 : 0,
+                                           stream);
     }
   });
 }
 
 extern "C" int essm_tuning_set_ssd_variant(int variant) {
-  essm::g_ssd_variant = variant == 1 ? 1 : 0;
+  essm::g_ssd_variant = variant >= 1 && variant <= 3 ? variant : 0;
   return essm::g_ssd_variant;
 }
 
