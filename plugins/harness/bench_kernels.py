@@ -3,7 +3,10 @@
 Effective bandwidth = (bytes of every input read once + every output written once) / time, with
 time the median of CUDA-event timings after warm-up; inputs rotate among enough copies that the
 working set exceeds the L2 cache. Decode steps are timed as CUDA-graph replays of all layers of a
-model (distinct per-layer buffers) and reported per layer.
+model (distinct per-layer buffers) and reported per layer. Each row also gives its physical floor:
+the larger of bytes / copy bandwidth and the busiest execution unit's time at its peak rate (the
+special-function unit for the Mamba-1 scan's exponentials, the tensor cores for the SSD products),
+and the kernel's time as a percentage of it.
 
     python plugins/harness/bench_kernels.py [--lib PATH] [--json PATH]   (JSON defaults to $OUT)
 """
@@ -15,6 +18,7 @@ import logging
 import math
 import os
 import statistics
+import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +31,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from check_kernels import write_json_atomic  # noqa: E402
-from essm_lib import ESSM_F16, ESSM_I8, KernelLib, ScanScales, SsdScales, ptr, scan_scales  # noqa: E402
+from essm_lib import (  # noqa: E402
+    ESSM_F16, ESSM_I8, SSD_VARIANTS, KernelLib, ScanScales, SsdScales, ptr, scan_scales)
 
 log = logging.getLogger("bench_kernels")
 L2_ROTATE_BYTES = 200 * 2**20  # working set spanned by the rotated input copies (> 3x H100 L2)
@@ -37,9 +42,6 @@ EAGER_REPS = 3
 SCAN_VARIANTS = {(0, 0): "auto", (1, 0): "chunked/r1", (2, 0): "chunked/r2", (3, 1): "seq/S1", (3, 2): "seq/S2",
                  (3, 4): "seq/S4", (3, 8): "seq/S8", (3, 16): "seq/S16", (3, 32): "seq/S32", (4, 0): "seq1"}
 
-# SSD prefill forms timed (essm_tuning_set_ssd_variant) -> label; "auto" is the chunked form for f16 output,
-# with 8 or 16 warps per block by occupancy.
-SSD_VARIANTS = {0: "auto", 1: "direct", 2: "chunked/8w", 3: "chunked/16w"}
 
 
 @dataclass
@@ -53,6 +55,28 @@ class Row:
     pct_copy: float
     eager_ms: float | None = None
     note: str = ""
+    # The physical floor: the larger of bytes / copy bandwidth and the time the busiest execution
+    # unit needs at its peak rate (Bench.unit_floor_ms), and which of them it is.
+    floor_ms: float | None = None
+    floor_unit: str = "copy"
+    pct_floor: float | None = None
+
+
+# Peak per-SM rates of the units that bound these kernels, by compute capability (CUDA C
+# Programming Guide throughput table; dense fp16 tensor-core FLOPs with fp32 accumulation from the
+# A100 / H100 datasheets: 312 TFLOP/s on 108 SMs at 1.41 GHz, 989 on 132 at 1.83 GHz).
+SFU_OPS_PER_CLK_SM = {(8, 0): 16, (8, 6): 16, (8, 7): 16, (8, 9): 16, (9, 0): 16}  # ex2 / rcp
+TENSOR_F16_FLOPS_PER_CLK_SM = {(8, 0): 2048, (9, 0): 4096}
+
+
+def max_sm_clock_hz() -> float | None:
+    """The GPU's maximum SM clock (nvidia-smi), None where it cannot be read."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=clocks.max.sm", "--format=csv,noheader,nounits",
+                              "-i", str(torch.cuda.current_device())], capture_output=True, text=True, timeout=30)
+        return float(out.stdout.strip()) * 1e6 if out.returncode == 0 else None
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
 
 
 def time_ms(fn: Callable[[int], None], reps: int, warmup: int) -> float:
@@ -95,6 +119,17 @@ class Bench:
         self.rows: list[Row] = []
         self.copy_gbps = 0.0
         self.gen = torch.Generator(device="cuda").manual_seed(1234)
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        self.sms, self.cc = props.multi_processor_count, (props.major, props.minor)
+        self.sm_clock_hz = max_sm_clock_hz()
+
+    def unit_floor_ms(self, ops: float, rates: dict[tuple[int, int], int]) -> float | None:
+        """Milliseconds for `ops` operations of one kind at the whole GPU's peak rate for them (per-SM rate
+        from `rates` x SMs x maximum SM clock); None where the rate or the clock is unknown."""
+        rate = rates.get(self.cc)
+        if rate is None or self.sm_clock_hz is None:
+            return None
+        return 1e3 * ops / (rate * self.sms * self.sm_clock_hz)
 
     def randn(self, *shape: int, dtype: torch.dtype = torch.float16, std: float = 1.0) -> torch.Tensor:
         return (torch.randn(*shape, device="cuda", generator=self.gen) * std).to(dtype)
@@ -103,9 +138,16 @@ class Bench:
         return torch.randint(-127, 128, shape, device="cuda", generator=self.gen, dtype=torch.int8)
 
     def add(self, section: str, config: str, dtype: str, variant: str, ms: float, nbytes: int,
-            eager_ms: float | None = None, note: str = "") -> None:
+            eager_ms: float | None = None, note: str = "", unit: tuple[str, float | None] | None = None) -> None:
+        """One result row; `unit` = (name, floor ms) of the execution unit that bounds the kernel, if any."""
         gbps = nbytes / (ms * 1e-3) / 1e9
-        self.rows.append(Row(section, config, dtype, variant, ms, gbps, 100.0 * gbps / self.copy_gbps, eager_ms, note))
+        row = Row(section, config, dtype, variant, ms, gbps, 100.0 * gbps / self.copy_gbps, eager_ms, note)
+        if self.copy_gbps > 0:
+            row.floor_ms = 1e3 * nbytes / (self.copy_gbps * 1e9)
+            if unit is not None and unit[1] is not None and unit[1] > row.floor_ms:
+                row.floor_unit, row.floor_ms = unit[0], unit[1]
+            row.pct_floor = 100.0 * row.floor_ms / ms
+        self.rows.append(row)
         log.info("%s %s %s %s: %.4f ms, %.1f GB/s", section, config, dtype, variant, ms, gbps)
 
     # ---- device-to-device copy ------------------------------------------------------------------
@@ -159,10 +201,13 @@ class Bench:
             note = f"vs eager rel.err {rel_err(s0['y'], ref):.1e}"
         else:
             note = ""
+        # special-function-unit floor: one ex2 per state step (the decay) and two per (token, channel)
+        # for softplus and SiLU (docs/kernels.md)
+        sfu = ("sfu", self.unit_floor_ms(b * d * seqlen * (n + 2), SFU_OPS_PER_CLK_SM))
         for variant in list(SCAN_VARIANTS)[:2] if self.profile else SCAN_VARIANTS:
             self.lib.set_scan_variant(*variant)
             ms = time_ms(run, self.reps, self.warmup)
-            self.add("scan_prefill", config, dname, SCAN_VARIANTS[variant], ms, nbytes, eager, note)
+            self.add("scan_prefill", config, dname, SCAN_VARIANTS[variant], ms, nbytes, eager, note, sfu)
         self.lib.set_scan_variant(0)
 
     # ---- Mamba-1 decode ------------------------------------------------------------------------
@@ -240,13 +285,18 @@ class Bench:
             run(0)
             torch.cuda.synchronize()
             note = f"vs eager rel.err {rel_err(s0['y'], ref):.1e}"
+        # tensor-core floor: the chunked form's products at chunk length 64 (G = C B^T and M x on the
+        # causal half, C S, and B^T x for the state), counted once (not the state operand's split)
+        q, chunks = 64, b * h * math.ceil(seqlen / 64)
+        flops = 2 * chunks * (q * (q + 1) // 2 * (n + p) + 2 * q * n * p)
+        tensor = ("tensor", self.unit_floor_ms(flops, TENSOR_F16_FLOPS_PER_CLK_SM))
         for variant, label in SSD_VARIANTS.items():
             self.lib.set_ssd_variant(variant)
             try:
                 ms = time_ms(run, self.reps, min(3, self.warmup))
             finally:
                 self.lib.set_ssd_variant(0)
-            self.add("ssd_prefill", config, dname, label, ms, nbytes, eager, note)
+            self.add("ssd_prefill", config, dname, label, ms, nbytes, eager, note, tensor)
 
     # ---- Hadamard -------------------------------------------------------------------------------
     def hadamard(self, rows: int, m: int, logk: int, quantize: bool) -> None:
@@ -350,14 +400,16 @@ def eager_hadamard(x: torch.Tensor, hm: torch.Tensor, scale: float) -> torch.Ten
 
 def print_table(rows: list[Row]) -> None:
     header = (f"{'section':<20} {'config':<34} {'dtype':<8} {'variant':<17} {'ms':>9} {'GB/s':>8} {'%copy':>6} "
-              f"{'eager ms':>9} {'speedup':>8}  note")
+              f"{'floor ms':>9} {'bound':>6} {'%floor':>6} {'eager ms':>9} {'speedup':>8}  note")
     print(header)
     print("-" * len(header))
     for r in rows:
         eager = f"{r.eager_ms:9.3f}" if r.eager_ms is not None else f"{'-':>9}"
         speed = f"{r.eager_ms / r.ms:8.1f}" if r.eager_ms is not None else f"{'-':>8}"
+        floor = (f"{r.floor_ms:9.4f} {r.floor_unit:>6} {r.pct_floor:6.1f}" if r.floor_ms is not None
+                 else f"{'-':>9} {'-':>6} {'-':>6}")
         print(f"{r.section:<20} {r.config:<34} {r.dtype:<8} {r.variant:<17} {r.ms:9.4f} {r.gbps:8.1f} "
-              f"{r.pct_copy:6.1f} {eager} {speed}  {r.note}")
+              f"{r.pct_copy:6.1f} {floor} {eager} {speed}  {r.note}")
 
 
 def main() -> int:
@@ -410,8 +462,8 @@ def main() -> int:
     print_table(bench.rows)
     out = args.json or (Path(os.environ["OUT"]) / "bench_kernels.json" if os.environ.get("OUT") else None)
     if out is not None:
-        payload = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                       copy_gbps=bench.copy_gbps, rows=[asdict(r) for r in bench.rows])
+        payload = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, copy_gbps=bench.copy_gbps,
+                       sms=bench.sms, max_sm_clock_hz=bench.sm_clock_hz, rows=[asdict(r) for r in bench.rows])
         write_json_atomic(out, payload)
         log.info("wrote %s", out)
     return 1 if failures else 0

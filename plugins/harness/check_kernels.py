@@ -33,6 +33,7 @@ from essm_lib import (  # noqa: E402
     ESSM_F16,
     ESSM_F32,
     ESSM_I8,
+    SSD_VARIANTS,
     TORCH_DTYPES,
     KernelLib,
     ScanScales,
@@ -50,9 +51,6 @@ QUANT_OUT = (ESSM_F16, ESSM_F32, ESSM_BF16)  # out dtypes tested with int8 input
 # Prefill-scan variants (essm_tuning_set_scan_variant): (variant, segments) -> label.
 SCAN_VARIANTS = {(0, 0): "auto", (1, 0): "chunked/r1", (2, 0): "chunked/r2", (3, 1): "seq/S1", (3, 4): "seq/S4",
                  (3, 32): "seq/S32", (4, 0): "seq1"}
-# SSD prefill forms checked for 16-bit outputs (essm_tuning_set_ssd_variant) -> label; float32 outputs
-# always take the direct form.
-SSD_VARIANTS = {0: "auto", 1: "direct", 2: "chunked/8w", 3: "chunked/16w"}
 SEQ_MAX_STATE = 16  # the sequential variants (3, 4) handle dstate <= 16
 
 

@@ -37,6 +37,12 @@ CUDA_ERROR_INVALID_VALUE = 1
 DEFAULT_LIB = Path(__file__).resolve().parents[2] / "build" / "plugins" / "libedgessm_kernels.so"
 
 
+
+# SSD prefill forms (essm_tuning_set_ssd_variant) -> label. "auto" is the launcher's own choice;
+# "chunked/<warps>w" forces the chunked form's warps per block. Float32 outputs always take the
+# direct form.
+SSD_VARIANTS = {0: "auto", 1: "direct", 2: "chunked/8w", 3: "chunked/16w"}
+
 class KernelError(RuntimeError):
     def __init__(self, name: str, code: int) -> None:
         super().__init__(f"{name} returned {code} ({CUDA_ERRORS.get(code, 'cudaError')})")
@@ -135,8 +141,8 @@ class KernelLib:
         return int(self._lib.essm_tuning_set_scan_variant(variant, segments))
 
     def set_ssd_variant(self, variant: int) -> int:
-        """Force the SSD prefill form (ssd.cu): 0 by output dtype (chunked tensor-core form for 16-bit
-        outputs with 8 or 16 warps per block by occupancy, direct recurrence for float32), 1 direct
-        recurrence always, 2 / 3 the chunked form with 8 / 16 warps (16-bit outputs). Returns the variant
-        in force."""
+        """Force the SSD prefill form (ssd.cu; labels in SSD_VARIANTS): 0 by output dtype (the chunked
+        tensor-core form for 16-bit outputs, with 8 or 16 warps per block by occupancy; the direct
+        recurrence for float32), 1 the direct recurrence always, 2 / 3 the chunked form with 8 / 16 warps
+        (16-bit outputs). Returns the variant in force."""
         return int(self._lib.essm_tuning_set_ssd_variant(variant))
