@@ -41,7 +41,7 @@ fi
 if [ "${PROFILE:-0}" = 1 ] && command -v ncu >/dev/null; then
   echo "== ncu profile of the headline kernels (one launch each)"
   timeout 300 ncu --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-    --section MemoryWorkloadAnalysis -k regex:'selective_scan|ssd_scan_fwd|hadamard_kernel' -c 6 \
+    --section MemoryWorkloadAnalysis -k regex:'selective_scan|ssd_chunked|ssd_scan_fwd|hadamard_kernel' -c 10 \
     "$PYTHON" plugins/harness/bench_kernels.py --lib "$LIB" --profile > "$OUT/ncu.txt" 2>&1 || echo "ncu failed (see $OUT/ncu.txt)"
 fi
 

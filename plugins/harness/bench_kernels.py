@@ -429,7 +429,8 @@ def main() -> int:
     bench = Bench(KernelLib(args.lib), 1 if args.profile else args.reps, args.profile)
     bench.copy_bandwidth()
     if args.profile:
-        bench.scan(1, 1536, 16, 2048, ESSM_F16)
+        bench.scan(1, 1536, 16, 2048, ESSM_F16)  # auto: the segmented sequential kernel
+        bench.scan(8, 4096, 16, 2048, ESSM_F16)  # auto: the one-barrier single-segment kernel
         bench.ssd(1, 2048, 24, 64, 1, 128, ESSM_F16)
         bench.hadamard(4096, 1, 12, False)
         bench.hadamard(4096, 12, 7, False)
