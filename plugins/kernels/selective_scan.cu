@@ -316,6 +316,27 @@ constexpr int seq_stage_iters(int segs) {
   return (segs * kSeqStates + kSeqThreads - 1) / kSeqThreads;
 }
 
+// The sequential kernels' channel state (thread = channel d of batch b, all its states in
+// registers): loaded from initial_state (zeros without one, or for a row past dim) and stored to
+// final_state (when asked for and `ok`).
+__device__ __forceinline__ void load_channel_state(const ScanArgs& p, int b, int d, int N, int dim,
+                                                   bool row_ok, float (&h)[kSeqStates]) {
+#pragma unroll
+  for (int n = 0; n < kSeqStates; ++n)
+    h[n] = (row_ok && n < N && p.initial_state != nullptr)
+               ? p.initial_state[(static_cast<int64_t>(b) * dim + d) * N + n]
+               : 0.f;
+}
+
+__device__ __forceinline__ void store_channel_state(const ScanArgs& p, int b, int d, int N, int dim,
+                                                    bool ok, const float (&h)[kSeqStates]) {
+  if (p.final_state != nullptr && ok) {
+#pragma unroll
+    for (int n = 0; n < kSeqStates; ++n)
+      if (n < N) p.final_state[(static_cast<int64_t>(b) * dim + d) * N + n] = h[n];
+  }
+}
+
 // Raw B (and C) of the thread's staging runs for one tile, held in registers until stored.
 template <typename Tin, int kIters>
 struct SeqStage {
@@ -535,11 +556,7 @@ __global__ void __launch_bounds__(kSeqThreads)
     seq_combine(sm, h, sum_dt, p, segs, b, d0);
     // (the first tile of pass 2 synchronizes before it overwrites this memory)
   } else {
-#pragma unroll
-    for (int n = 0; n < kSeqStates; ++n)
-      h[n] = (row_ok && n < N && p.initial_state != nullptr)
-                 ? p.initial_state[(static_cast<int64_t>(b) * dim + d) * N + n]
-                 : 0.f;
+    load_channel_state(p, b, d, N, dim, row_ok, h);
   }
 
   // pass 2: the scan from the true initial state, producing y
@@ -572,11 +589,7 @@ __global__ void __launch_bounds__(kSeqThreads)
       store_run<Tout, kSeqTile>(yout + row_off + tok, valid, y);
     }
   }
-  if (p.final_state != nullptr && seg == segs - 1 && row_ok) {
-#pragma unroll
-    for (int n = 0; n < kSeqStates; ++n)
-      if (n < N) p.final_state[(static_cast<int64_t>(b) * dim + d) * N + n] = h[n];
-  }
+  store_channel_state(p, b, d, N, dim, seg == segs - 1 && row_ok, h);
 }
 
 // ---- single-segment sequential variant, one barrier per tile (variant 4) ----------------------
@@ -660,11 +673,7 @@ __global__ void __launch_bounds__(kSeqThreads, 4)
   const Tin* z = static_cast<const Tin*>(p.z);
 
   float h[kSeqStates];
-#pragma unroll
-  for (int n = 0; n < kSeqStates; ++n)
-    h[n] = (row_ok && n < N && p.initial_state != nullptr)
-               ? p.initial_state[(static_cast<int64_t>(b) * dim + d) * N + n]
-               : 0.f;
+  load_channel_state(p, b, d, N, dim, row_ok, h);
 
   Seq1Stage<Tin> st;
   SeqTok<Tin> tk;
@@ -700,11 +709,7 @@ __global__ void __launch_bounds__(kSeqThreads, 4)
     }
     __syncthreads();  // this tile's buffer is free, the next one is complete
   }
-  if (p.final_state != nullptr && row_ok) {
-#pragma unroll
-    for (int n = 0; n < kSeqStates; ++n)
-      if (n < N) p.final_state[(static_cast<int64_t>(b) * dim + d) * N + n] = h[n];
-  }
+  store_channel_state(p, b, d, N, dim, row_ok, h);
 }
 
 // ---- variant selection ------------------------------------------------------------------------
