@@ -50,8 +50,9 @@ def main() -> int:
           f"{total_stall:,.0f} stall samples\n")
     by_op: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
     for r, e, s in zip(rows, executed, stalls):
-        by_op[opcode(r.get("Source", ""))][0] += e
-        by_op[opcode(r.get("Source", ""))][1] += s
+        totals = by_op[opcode(r.get("Source", ""))]
+        totals[0] += e
+        totals[1] += s
     print(f"{'opcode':<28} {'% executed':>10} {'% stalls':>9}")
     for op, (e, s) in sorted(by_op.items(), key=lambda kv: -kv[1][0])[:args.top]:
         print(f"{op:<28} {100 * e / total_exec:10.1f} {100 * s / total_stall:9.1f}")

@@ -43,7 +43,6 @@ SCAN_VARIANTS = {(0, 0): "auto", (1, 0): "chunked/r1", (2, 0): "chunked/r2", (3,
                  (3, 4): "seq/S4", (3, 8): "seq/S8", (3, 16): "seq/S16", (3, 32): "seq/S32", (4, 0): "seq1"}
 
 
-
 @dataclass
 class Row:
     section: str
@@ -291,11 +290,8 @@ class Bench:
         flops = 2 * chunks * (q * (q + 1) // 2 * (n + p) + 2 * q * n * p)
         tensor = ("tensor", self.unit_floor_ms(flops, TENSOR_F16_FLOPS_PER_CLK_SM))
         for variant, label in SSD_VARIANTS.items():
-            self.lib.set_ssd_variant(variant)
-            try:
+            with self.lib.forced_ssd_variant(variant):
                 ms = time_ms(run, self.reps, min(3, self.warmup))
-            finally:
-                self.lib.set_ssd_variant(0)
             self.add("ssd_prefill", config, dname, label, ms, nbytes, eager, note, tensor)
 
     # ---- Hadamard -------------------------------------------------------------------------------

@@ -258,14 +258,11 @@ class Checker:
         s0, s064 = self.f32(self.rng.normal(0, 1, (batch, nheads, headdim, dstate))) if init else (None, None)
         y = self.poisoned((batch, seqlen, nheads, headdim), out_dt)
         sT = self.poisoned((batch, nheads, headdim, dstate), ESSM_F32)
-        self.lib.set_ssd_variant(variant)
-        try:
+        with self.lib.forced_ssd_variant(variant):
             self.lib.call("essm_ssd_scan_fwd", in_dt, out_dt, ptr(dv["x"]), ptr(dt), ptr(A), ptr(dv["B"]), ptr(dv["C"]),
                           ptr(Dk), ptr(db), 1, dt_min, dt_max, io["scales"], ptr(s0), ptr(y), ptr(sT), batch, seqlen,
                           nheads, headdim, ngroups, dstate, 256)
             torch.cuda.synchronize()
-        finally:
-            self.lib.set_ssd_variant(0)
         y_ref, s_ref = ref.ssd_scan(vals["x"], dt64, A64, vals["B"], vals["C"], D64, db64, True, dt_min, dt_max,
                                     s064)
         self.compare("ssd_scan_fwd", case, dtname, "y", y, y_ref, TOLERANCE[out_dt])

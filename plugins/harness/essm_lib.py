@@ -6,8 +6,10 @@ return code raises `KernelError` naming the launcher.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +38,11 @@ CUDA_ERROR_INVALID_VALUE = 1
 
 DEFAULT_LIB = Path(__file__).resolve().parents[2] / "build" / "plugins" / "libedgessm_kernels.so"
 
-
-
 # SSD prefill forms (essm_tuning_set_ssd_variant) -> label. "auto" is the launcher's own choice;
 # "chunked/<warps>w" forces the chunked form's warps per block. Float32 outputs always take the
 # direct form.
 SSD_VARIANTS = {0: "auto", 1: "direct", 2: "chunked/8w", 3: "chunked/16w"}
+
 
 class KernelError(RuntimeError):
     def __init__(self, name: str, code: int) -> None:
@@ -146,3 +147,12 @@ class KernelLib:
         recurrence for float32), 1 the direct recurrence always, 2 / 3 the chunked form with 8 / 16 warps
         (16-bit outputs). Returns the variant in force."""
         return int(self._lib.essm_tuning_set_ssd_variant(variant))
+
+    @contextlib.contextmanager
+    def forced_ssd_variant(self, variant: int) -> Iterator[None]:
+        """Runs the block with the SSD prefill form `variant` forced, then back to 0 (by output dtype)."""
+        self.set_ssd_variant(variant)
+        try:
+            yield
+        finally:
+            self.set_ssd_variant(0)

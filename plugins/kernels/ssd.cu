@@ -635,31 +635,36 @@ cudaError_t launch_ssd_direct(const SsdArgs& a, cudaStream_t stream) {
   return launch_status();
 }
 
-// The chunked form; the direct form where the chunked form's shared memory (it grows with dstate:
-// 169 KiB for f16 at 256) exceeds the device's per-block limit (163 KiB on Orin, 227 KiB on H100).
+// Lets the chunked kernel with kWarps warps use the layout's dynamic shared memory (above 48 KiB
+// needs the opt-in) before it is launched or its occupancy is asked for.
+template <typename Tin, typename Tout, int kWarps>
+cudaError_t allow_chunked_smem(const ChunkSmem& lay) {
+  return cudaFuncSetAttribute(ssd_chunked_kernel<Tin, Tout, kWarps>,
+                              cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(lay.bytes));
+}
+
+// Launches the chunked kernel with kWarps warps per block.
 template <typename Tin, typename Tout, int kWarps>
 cudaError_t launch_ssd_chunked_warps(const SsdArgs& a, const ChunkSmem& lay, int64_t blocks,
                                      int ptiles, cudaStream_t stream) {
-  const auto kernel = ssd_chunked_kernel<Tin, Tout, kWarps>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(lay.bytes));
+  const cudaError_t err = allow_chunked_smem<Tin, Tout, kWarps>(lay);
   if (err != cudaSuccess) return err;
   // cp.async moves 16-byte words: x rows (and the head offset inside a row) must keep that alignment
   // (B/C rows always do: aligned base, dstate a multiple of 16); otherwise ordinary loads.
   const bool async = reinterpret_cast<uintptr_t>(a.x) % 16 == 0 && (a.headdim * sizeof(Tin)) % 16 == 0;
-  kernel<<<static_cast<unsigned>(blocks), 32 * kWarps, lay.bytes, stream>>>(a, ptiles, async);
+  ssd_chunked_kernel<Tin, Tout, kWarps>
+      <<<static_cast<unsigned>(blocks), 32 * kWarps, lay.bytes, stream>>>(a, ptiles, async);
   return launch_status();
 }
 
 // Warps resident per SM for a launch of `blocks` blocks of kWarps warps (the busiest SM's share).
 template <typename Tin, typename Tout, int kWarps>
 cudaError_t chunked_resident_warps(const ChunkSmem& lay, int64_t blocks, int sms, int64_t* warps) {
-  const auto kernel = ssd_chunked_kernel<Tin, Tout, kWarps>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(lay.bytes));
+  cudaError_t err = allow_chunked_smem<Tin, Tout, kWarps>(lay);
   int per_sm = 0;
   if (err == cudaSuccess)
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 32 * kWarps, lay.bytes);
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, ssd_chunked_kernel<Tin, Tout, kWarps>,
+                                                        32 * kWarps, lay.bytes);
   if (err != cudaSuccess) return err;
   const int64_t share = (blocks + sms - 1) / sms;
   *warps = (share < per_sm ? share : per_sm) * kWarps;
