@@ -38,10 +38,12 @@ CUDA_ERROR_INVALID_VALUE = 1
 
 DEFAULT_LIB = Path(__file__).resolve().parents[2] / "build" / "plugins" / "libedgessm_kernels.so"
 
-# SSD prefill forms (essm_tuning_set_ssd_variant) -> label. "auto" is the launcher's own choice;
-# "chunked/<warps>w" forces the chunked form's warps per block. Float32 outputs always take the
-# direct form.
-SSD_VARIANTS = {0: "auto", 1: "direct", 2: "chunked/8w", 3: "chunked/16w"}
+# SSD prefill forms (essm_tuning_set_ssd_variant) -> label. "auto" is the launcher's own choice (for
+# 16-bit outputs the register-resident mma.sync chunked form where dstate <= 128, with 4 or 8 warps
+# by occupancy, else the WMMA chunked form); "wmma/<warps>w" and "mma/<warps>w" force a chunked form
+# and its warps per block (the mma form only where it applies: dstate <= 128). Float32 outputs
+# always take the direct form.
+SSD_VARIANTS = {0: "auto", 1: "direct", 2: "wmma/8w", 3: "wmma/16w", 4: "mma/4w", 5: "mma/8w"}
 
 
 class KernelError(RuntimeError):
@@ -142,10 +144,11 @@ class KernelLib:
         return int(self._lib.essm_tuning_set_scan_variant(variant, segments))
 
     def set_ssd_variant(self, variant: int) -> int:
-        """Force the SSD prefill form (ssd.cu; labels in SSD_VARIANTS): 0 by output dtype (the chunked
-        tensor-core form for 16-bit outputs, with 8 or 16 warps per block by occupancy; the direct
-        recurrence for float32), 1 the direct recurrence always, 2 / 3 the chunked form with 8 / 16 warps
-        (16-bit outputs). Returns the variant in force."""
+        """Force the SSD prefill form (ssd.cu; labels in SSD_VARIANTS): 0 by output dtype and dstate
+        (16-bit outputs: the register-resident chunked form for dstate <= 128 with 4 or 8 warps by
+        occupancy, else the WMMA chunked form with 8 or 16; float32: the direct recurrence), 1 the
+        direct recurrence always, 2 / 3 the WMMA chunked form with 8 / 16 warps, 4 / 5 the
+        register-resident form with 4 / 8 warps (16-bit outputs). Returns the variant in force."""
         return int(self._lib.essm_tuning_set_ssd_variant(variant))
 
     @contextlib.contextmanager

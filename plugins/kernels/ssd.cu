@@ -579,6 +579,574 @@ __global__ void __launch_bounds__(32 * kWarps)
   }
 }
 
+// ---- chunked form, register-resident (mma.sync) -----------------------------------------------
+// The same chunk algebra as ssd_chunked_kernel, with every product a PTX mma.sync m16n8k16 whose
+// fragment layouts are documented (PTX ISA, "Matrix Fragments for mma.m16n8k16"), so the phases
+// stay in registers: warp w owns the chunk's output rows t in [16w, 16w + 16) and the state rows
+// n in [w kN/4, (w + 1) kN/4). G = C B^T (causal part) is accumulated in registers, turned into
+// M = G o decay in place and fed to M x as the A operand (the accumulator layout of two adjacent
+// n8 tiles is the A layout of one k16 step, as flash-attention kernels do with their scores); the
+// chunk-start state lives in the state accumulators across chunks and is written once per chunk
+// as the 16-bit copy that C S reads. Operands come from shared memory through ldmatrix. The staged
+// tiles are double-buffered with cp.async (chunk c + 1 lands while chunk c computes) and so is the
+// 16-bit state copy. A chunk has two block barriers: its tiles have landed; the state operand
+// x dt exp(cum_end - cum) (split into 16-bit high and low parts once per block, and for int8 the
+// fp16 copies of the tiles) is written. Eligible: 16-bit outputs, dstate <= 128 (padded to kN = 64
+// or 128 with zeros).
+constexpr int kMmaRowWarps = kChunk / 16;  // warps per group: one 16-row slice of the outputs each
+constexpr int kMmaMaxState = 128;
+// kGroups warp groups of kMmaRowWarps warps split the column tile: group r owns columns
+// [r kCols, (r + 1) kCols) of y and of the state, and each computes G for its rows (two groups
+// double the warps of a block, which is what hides latency where one block is all an SM holds,
+// at the price of computing G twice).
+constexpr int kMmaGroupChoices[] = {1, 2};
+template <int kGroups>
+struct MmaShape {
+  static constexpr int kWarps = kMmaRowWarps * kGroups, kThreads = 32 * kWarps;
+  static constexpr int kCols = kColTile / kGroups;  // columns per group
+  static constexpr int kPT = kCols / 8;              // n8 tiles per group
+  // the state operand x dt exp(cum_end - cum): thread tid splits kXsplit consecutive columns of
+  // token row tid / (kColTile / kXsplit)
+  static constexpr int kXsplit = kChunk * kColTile / kThreads;
+  static_assert(kPT % 2 == 0 && (kXsplit == 8 || kXsplit == 16), "shape");
+};
+
+constexpr int kTokenVectors = 4;  // per-token vectors of a chunk (see ssd_mma_kernel)
+
+// Shared-memory layout (byte offsets) of ssd_mma_kernel. 16-bit operand tiles have rows padded by
+// 16 bytes, which makes every ldmatrix phase (8 rows of 16 bytes) hit 32 distinct banks.
+// Double-buffered regions are `stage` / `sh_bytes` apart (buffer 1 after buffer 0).
+struct MmaSmem {
+  int ldN, ldP, ldNr, ldPr;
+  size_t Craw, Braw, xraw, stage, C, B, x, xhi, xlo, Sh, sh_bytes, vec, bytes;
+
+  // (int8 raw tiles are only read as whole 16-byte words, row by row: no padding needed)
+  __host__ __device__ MmaSmem(int kN, int in_bytes)
+      : ldN(kN + 8), ldP(kColTile + 8), ldNr(in_bytes == 2 ? ldN : kN), ldPr(in_bytes == 2 ? ldP : kColTile) {
+    size_t off = 0;
+    Craw = ChunkSmem::take(off, static_cast<size_t>(in_bytes) * kChunk * ldNr);
+    Braw = ChunkSmem::take(off, static_cast<size_t>(in_bytes) * kChunk * ldNr);
+    xraw = ChunkSmem::take(off, static_cast<size_t>(in_bytes) * kChunk * ldPr);
+    stage = off;  // the raw tiles start at 0
+    off += stage;
+    // int8 tiles are widened into one set of fp16 operand tiles; 16-bit tiles are used as staged
+    C = in_bytes == 2 ? 0 : ChunkSmem::take(off, 2 * kChunk * ldN);
+    B = in_bytes == 2 ? 0 : ChunkSmem::take(off, 2 * kChunk * ldN);
+    x = in_bytes == 2 ? 0 : ChunkSmem::take(off, 2 * kChunk * ldP);
+    xhi = ChunkSmem::take(off, 2 * kChunk * ldP);
+    xlo = ChunkSmem::take(off, 2 * kChunk * ldP);
+    Sh = ChunkSmem::take(off, 2 * static_cast<size_t>(kN) * ldP);
+    sh_bytes = off - Sh;
+    off += sh_bytes;
+    vec = ChunkSmem::take(off, sizeof(float) * 2 * kTokenVectors * kChunk);  // double-buffered
+    bytes = off;
+  }
+};
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// ldmatrix x4: four 8x8 16-bit matrices; lane l gives the address of row l % 8 of matrix l / 8.
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(row)));
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(row)));
+}
+
+// Fragment loads from a row-major 16-bit tile `t` with leading dimension ld (elements).
+// A operand (16 x 16 at rows m0, columns k0) of a tile stored [m][k].
+template <typename Tm>
+__device__ __forceinline__ void load_a(uint32_t (&r)[4], const Tm* t, int ld, int m0, int k0, int lane) {
+  ldsm_x4(r, t + (m0 + (lane & 15)) * ld + k0 + 8 * (lane >> 4));
+}
+// A operand (16 x 16 at rows m0, columns k0) of a tile stored transposed, [k][m].
+template <typename Tm>
+__device__ __forceinline__ void load_a_trans(uint32_t (&r)[4], const Tm* t, int ld, int k0, int m0, int lane) {
+  ldsm_x4_trans(r, t + (k0 + (lane & 7) + 8 * (lane >> 4)) * ld + m0 + 8 * ((lane >> 3) & 1));
+}
+// B operands of two n8 tiles (k16 x n16 at k0, n0) of a tile stored [n][k]: r[0], r[1] are the
+// first tile's b0, b1; r[2], r[3] the second's.
+template <typename Tm>
+__device__ __forceinline__ void load_b_nk(uint32_t (&r)[4], const Tm* t, int ld, int n0, int k0, int lane) {
+  ldsm_x4(r, t + (n0 + (lane & 7) + 8 * (lane >> 4)) * ld + k0 + 8 * ((lane >> 3) & 1));
+}
+// The same from a tile stored [k][n].
+template <typename Tm>
+__device__ __forceinline__ void load_b_kn(uint32_t (&r)[4], const Tm* t, int ld, int k0, int n0, int lane) {
+  ldsm_x4_trans(r, t + (k0 + (lane & 7) + 8 * ((lane >> 3) & 1)) * ld + n0 + 8 * (lane >> 4));
+}
+
+// d += a b (m16n8k16, fp32 accumulate), for fp16 or bf16 operands.
+template <typename Tm>
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same<Tm, __half>::value) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// Two floats as one 32-bit register of 16-bit values (the first in the low half), and back.
+template <typename Tm>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  uint32_t r;
+  if constexpr (std::is_same<Tm, __half>::value) {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    memcpy(&r, &v, 4);
+  } else {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    memcpy(&r, &v, 4);
+  }
+  return r;
+}
+template <typename Tm>
+__device__ __forceinline__ float2 unpack2(uint32_t r) {
+  if constexpr (std::is_same<Tm, __half>::value) {
+    __half2 v;
+    memcpy(&v, &r, 4);
+    return __half22float2(v);
+  } else {
+    __nv_bfloat162 v;
+    memcpy(&v, &r, 4);
+    return __bfloat1622float2(v);
+  }
+}
+
+// kBytes (a multiple of 4) between registers and 16-, 8- or 4-byte aligned shared memory, in the
+// widest words the size allows (memcpy of an unknown alignment would move bytes).
+template <int kBytes>
+__device__ __forceinline__ void lds_bytes(void* regs, const void* smem) {
+  using W = VecWord<kBytes>;
+  W w[kBytes / sizeof(W)];
+#pragma unroll
+  for (int i = 0; i < static_cast<int>(kBytes / sizeof(W)); ++i) w[i] = static_cast<const W*>(smem)[i];
+  memcpy(regs, w, kBytes);
+}
+template <int kBytes>
+__device__ __forceinline__ void sts_bytes(void* smem, const void* regs) {
+  using W = VecWord<kBytes>;
+  W w[kBytes / sizeof(W)];
+  memcpy(w, regs, kBytes);
+#pragma unroll
+  for (int i = 0; i < static_cast<int>(kBytes / sizeof(W)); ++i) static_cast<W*>(smem)[i] = w[i];
+}
+
+// v[i] = w x[i] for kC values, split into 16-bit high parts and the 16-bit roundings of the
+// remainders, as kC / 8 16-byte words each (x, w and v in float32).
+template <typename Tm, int kC>
+__device__ __forceinline__ void split_scaled(const float (&x)[kC], float w, uint4 (&hi)[kC / 8], uint4 (&lo)[kC / 8]) {
+  uint32_t h[kC / 2], l[kC / 2];
+#pragma unroll
+  for (int i = 0; i < kC / 2; ++i) {
+    const float a = x[2 * i] * w, b = x[2 * i + 1] * w;
+    h[i] = pack2<Tm>(a, b);
+    const float2 r = unpack2<Tm>(h[i]);
+    l[i] = pack2<Tm>(a - r.x, b - r.y);
+  }
+  memcpy(hi, h, sizeof(h));
+  memcpy(lo, l, sizeof(l));
+}
+
+// 4 kW int8 values (kW 32-bit words) as exact fp16 values (2 kW words): byte b becomes the half
+// 1024 + (b ^ 0x80) (exponent bits 0x64 above the byte), minus 1152; two bytes per byte_perm.
+template <int kW>
+__device__ __forceinline__ void widen_int8(const uint32_t (&w)[kW], uint32_t (&o)[2 * kW]) {
+  const __half2 bias = __float2half2_rn(1152.f);
+#pragma unroll
+  for (int i = 0; i < kW; ++i) {
+    const uint32_t u = w[i] ^ 0x80808080u;
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const uint32_t hb = __byte_perm(u, 0x64646464u, j == 0 ? 0x4140 : 0x4342);
+      __half2 hv;
+      memcpy(&hv, &hb, 4);
+      hv = __hsub2(hv, bias);
+      memcpy(&o[2 * i + j], &hv, 4);
+    }
+  }
+}
+
+// cp.async copies of a kChunk x kWidth tile src[r * row_stride + c] (r < rows, c < cols; zero
+// elsewhere, cols a multiple of 16 bytes) to dst[r * ld + c]: each thread moves a fixed column of
+// 16-byte words down the rows, so its addresses are set up once.
+template <typename Tin, int kWidth, int kThreads>
+__device__ __forceinline__ void copy_tile_async(Tin* dst, int ld, const Tin* src, int64_t row_stride, int rows,
+                                                int cols) {
+  constexpr int V = 16 / sizeof(Tin), kPerRow = kWidth / V, kRowStep = kThreads / kPerRow;
+  static_assert(kThreads % kPerRow == 0 && (kChunk % kRowStep == 0 || kRowStep % kChunk == 0), "tile shape");
+  const int r0 = threadIdx.x / kPerRow, c = (threadIdx.x % kPerRow) * V;
+  if (kRowStep > kChunk && r0 >= kChunk) return;  // more threads than words
+  const bool col_ok = c < cols;
+#pragma unroll
+  for (int k = 0; k < (kChunk + kRowStep - 1) / kRowStep; ++k) {
+    const int r = r0 + k * kRowStep;
+    const bool ok = col_ok && r < rows;
+    cp_async16(dst + r * ld + c, ok ? src + r * row_stride + c : src, ok ? 16 : 0);
+  }
+}
+
+// int8 [kChunk][kWidth] tile -> fp16 tile, one 16-byte word per thread per step.
+template <int kWidth, int kThreads>
+__device__ __forceinline__ void widen_tile(__half* dst, int ld, const int8_t* src, int ld_src) {
+  constexpr int kPerRow = kWidth / 16, kRowStep = kThreads / kPerRow;
+  const int r0 = threadIdx.x / kPerRow, c = (threadIdx.x % kPerRow) * 16;
+#pragma unroll
+  for (int r = r0; r < kChunk; r += kRowStep) {
+    uint32_t w[4], o[8];
+    lds_bytes<16>(w, src + r * ld_src + c);
+    widen_int8(w, o);
+    sts_bytes<32>(dst + r * ld + c, o);
+  }
+}
+
+template <typename Tin, typename Tout, int kN, int kGroups>
+__global__ void __launch_bounds__(MmaShape<kGroups>::kThreads, 2 / kGroups)
+    ssd_mma_kernel(const SsdArgs p, int ptiles, bool x_async) {
+  using Tm = MmaType<Tin>;
+  using Shape = MmaShape<kGroups>;
+  constexpr int kThreads = Shape::kThreads, kPT = Shape::kPT, kXsplit = Shape::kXsplit;
+  constexpr bool kInt8 = std::is_same<Tin, int8_t>::value;
+  constexpr int kK = kN / 16;                // k16 steps over the state
+  constexpr int kSRows = kN / kMmaRowWarps;  // state rows per warp
+  constexpr int kMt = kSRows / 16;        // m16 tiles of state per warp
+  static_assert(kMt >= 1 && kSRows % 16 == 0, "kN must be 64 or 128");
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const MmaSmem lay(kN, sizeof(Tin));
+  const int N = p.dstate, L = p.seqlen, H = p.nheads, P = p.headdim, G = p.ngroups;
+  const int ptile = blockIdx.x % ptiles;
+  const int bh = blockIdx.x / ptiles;
+  const int h = bh % H, b = bh / H;
+  const int g = h / (H / G);
+  const int p0 = ptile * kColTile;
+  const int pcols = min(kColTile, P - p0);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  // row slice (outputs) and state rows of this warp; group 1 takes them in reverse order, so the
+  // two warps on each scheduler (warp w and w + 4) share out the causal G work evenly
+  const int wr = warp < kMmaRowWarps ? warp : kMmaRowWarps - 1 - warp % kMmaRowWarps;
+  const int pg = warp / kMmaRowWarps * Shape::kCols;  // first column of this warp's group
+  const int gid = lane >> 2, tid4 = lane & 3;   // fragment row group and column pair
+
+  const SsdHead hp(p, h, g);
+  const float A2 = hp.A * kLog2e, bias = hp.dt_bias, Dh = hp.D, Bsc = hp.B_scale, Csc = hp.C_scale;
+  const float bc_scale = Bsc * Csc;
+  const Tout* dtp = static_cast<const Tout*>(p.dt);
+  Tout* y = static_cast<Tout*>(p.y);
+  const int64_t x_stride = static_cast<int64_t>(H) * P, bc_stride = static_cast<int64_t>(G) * N;
+  const int64_t state_base = (static_cast<int64_t>(b) * H + h) * P + p0;  // row (b, h, p0)
+  // full, 4-byte aligned output pairs (the usual case) are stored as one 32-bit word
+  const bool y_pairs = pcols == kColTile && P % 2 == 0 && reinterpret_cast<uintptr_t>(y) % 4 == 0;
+
+  // This thread's accumulator columns p = pg + 8q + 2 tid4 + e. For int8 the state accumulators hold
+  // S / (B_scale x_scale[p]) so that the products take raw int8 B (exact in fp16) and the state
+  // operand x dt exp(cum_end - cum) without x_scale; a column with a zero x_scale (its x is zero)
+  // keeps scale 1 and gets a zero state operand.
+  float col_scale[kPT][2], col_xsc[kPT][2];
+#pragma unroll
+  for (int q = 0; q < kPT; ++q)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int pc = pg + 8 * q + 2 * tid4 + e;
+      const float xs = (kInt8 && pc < pcols) ? p.x_scale[h * P + p0 + pc] : 1.f;
+      col_xsc[q][e] = xs;
+      col_scale[q][e] = kInt8 ? Bsc * (xs != 0.f ? xs : 1.f) : 1.f;
+    }
+  // the state operand's row and columns for this thread, and (int8) its columns with x_scale 0
+  const int xs_row = threadIdx.x / (kColTile / kXsplit), xs_col = threadIdx.x % (kColTile / kXsplit) * kXsplit;
+  unsigned xs_zero = 0;
+  if constexpr (kInt8) {
+    for (int i = 0; i < kXsplit; ++i)
+      if (xs_col + i < pcols && p.x_scale[h * P + p0 + xs_col + i] == 0.f) xs_zero |= 1u << i;
+  }
+
+  // stage the chunk starting at c0 into buffer st (zero-filled past the sequence / dstate / headdim)
+  auto stage = [&](int c0, int st) {
+    const int rows = min(kChunk, L - c0);
+    const int64_t tok0 = static_cast<int64_t>(b) * L + c0;
+    const int64_t bc0 = tok0 * bc_stride + static_cast<int64_t>(g) * N;
+    Tin* xdst = reinterpret_cast<Tin*>(smem_raw + lay.xraw + st * lay.stage);
+    const Tin* xsrc = static_cast<const Tin*>(p.x) + tok0 * x_stride + static_cast<int64_t>(h) * P + p0;
+    copy_tile_async<Tin, kN, kThreads>(reinterpret_cast<Tin*>(smem_raw + lay.Craw + st * lay.stage), lay.ldNr,
+                             static_cast<const Tin*>(p.Cm) + bc0, bc_stride, rows, N);
+    copy_tile_async<Tin, kN, kThreads>(reinterpret_cast<Tin*>(smem_raw + lay.Braw + st * lay.stage), lay.ldNr,
+                             static_cast<const Tin*>(p.Bm) + bc0, bc_stride, rows, N);
+    if (x_async) {
+      copy_tile_async<Tin, kColTile, kThreads>(xdst, lay.ldPr, xsrc, x_stride, rows, pcols);
+    } else {
+      fetch_chunk_tile<Tin, kThreads>(xdst, lay.ldPr, xsrc, x_stride, rows, kColTile, pcols, false);
+    }
+    asm volatile("cp.async.commit_group;\n" ::);
+  };
+  stage(0, 0);
+
+  // the chunk-start state: accumulators S[mt][q] (rows n = w kN/4 + 16 mt + gid (+8), columns as above)
+  float S[kMt][kPT][4];
+#pragma unroll
+  for (int mt = 0; mt < kMt; ++mt)
+#pragma unroll
+    for (int q = 0; q < kPT; ++q)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int n = wr * kSRows + 16 * mt + gid + 8 * (i >> 1), pc = pg + 8 * q + 2 * tid4 + (i & 1);
+        const float v = (p.initial_state != nullptr && n < N && pc < pcols)
+                            ? p.initial_state[(state_base + pc) * N + n]
+                            : 0.f;
+        S[mt][q][i] = v / col_scale[q][i & 1];
+      }
+  // its 16-bit copy (true scale) for the next chunk's C S
+  auto store_state_copy = [&](int buf) {
+    Tm* Sh = reinterpret_cast<Tm*>(smem_raw + lay.Sh + buf * lay.sh_bytes);
+#pragma unroll
+    for (int mt = 0; mt < kMt; ++mt)
+#pragma unroll
+      for (int q = 0; q < kPT; ++q)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int n = wr * kSRows + 16 * mt + gid + 8 * r;
+          *reinterpret_cast<uint32_t*>(Sh + n * lay.ldP + pg + 8 * q + 2 * tid4) =
+              pack2<Tm>(S[mt][q][2 * r] * col_scale[q][0], S[mt][q][2 * r + 1] * col_scale[q][1]);
+        }
+  };
+  store_state_copy(0);
+
+  // Token vectors of a chunk, double-buffered: buffer k holds cumv (inclusive cumsum of dt A log2(e)),
+  // dtbv (dt B_scale C_scale, M's column factor), wv (dt exp(cum_end - cum), the weight of token s
+  // in the chunk-end state) and eov (exp(cum), the decay of the chunk-start state to token t).
+  // Warp 0 (the least causal G work) computes chunk c + 1's during chunk c, from raw dt it loads a
+  // chunk ahead of that (two tokens per lane, shuffle scan).
+  auto vectors = [&](int buf) { return reinterpret_cast<float*>(smem_raw + lay.vec) + buf * kTokenVectors * kChunk; };
+  auto load_dt = [&](int c0, float (&raw)[2]) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int t = c0 + 2 * lane + e;
+      raw[e] = t < L ? to_float(dtp[(static_cast<int64_t>(b) * L + t) * H + h]) : 0.f;
+    }
+  };
+  float dt_raw[2];
+  auto token_vectors = [&](int c0, int buf) {
+    float d[2];
+#pragma unroll
+    for (int e = 0; e < 2; ++e)
+      d[e] = c0 + 2 * lane + e < L ? ssd_dt(dt_raw[e], bias, p.dt_softplus, p.dt_min, p.dt_max) : 0.f;
+    load_dt(c0 + kChunk, dt_raw);
+    const float a1 = d[1] * A2;
+    float incl = fmaf(d[0], A2, a1);
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const float o = __shfl_up_sync(0xffffffffu, incl, off);
+      if (lane >= off) incl += o;
+    }
+    const float cum_end = __shfl_sync(0xffffffffu, incl, 31);
+    const float cum2[2] = {incl - a1, incl};
+    float* v = vectors(buf);
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      v[2 * lane + e] = cum2[e];
+      v[kChunk + 2 * lane + e] = d[e] * bc_scale;
+      v[2 * kChunk + 2 * lane + e] = d[e] * fast_exp2(cum_end - cum2[e]);
+      v[3 * kChunk + 2 * lane + e] = fast_exp2(cum2[e]);
+    }
+  };
+  if (warp == 0) {
+    load_dt(0, dt_raw);
+    token_vectors(0, 0);
+  }
+
+  Tm* xhi = reinterpret_cast<Tm*>(smem_raw + lay.xhi);
+  Tm* xlo = reinterpret_cast<Tm*>(smem_raw + lay.xlo);
+  const int row0 = 16 * wr;  // this warp's first output row in the chunk
+  for (int c0 = 0, ci = 0; c0 < L; c0 += kChunk, ++ci) {
+    const int st = ci & 1;
+    asm volatile("cp.async.wait_group 0;\n" ::);
+    __syncthreads();  // chunk ci's tiles, token vectors and 16-bit state are visible; ci - 1 is done
+    if (c0 + kChunk < L) stage(c0 + kChunk, st ^ 1);
+
+    const float* cumv = vectors(st);
+    const float* dtbv = cumv + kChunk;
+    const float* wv = dtbv + kChunk;
+    const float* eov = wv + kChunk;
+    const float e_end = eov[kChunk - 1];  // padding tokens have dt = 0: exp(cum_end)
+
+    // ---- the state operand x dt exp(cum_end - cum) as 16-bit high + low parts (and for int8 the
+    // fp16 operand tiles), then the block's second barrier
+    const Tin* xraw = reinterpret_cast<const Tin*>(smem_raw + lay.xraw + st * lay.stage);
+    float xv[kXsplit];
+    if constexpr (kInt8) {
+      uint32_t raw[kXsplit / 4], o[kXsplit / 2];
+      lds_bytes<kXsplit>(raw, xraw + xs_row * lay.ldPr + xs_col);
+      widen_int8(raw, o);
+      sts_bytes<sizeof(o)>(reinterpret_cast<Tm*>(smem_raw + lay.x) + xs_row * lay.ldP + xs_col, o);
+      int8_t e[kXsplit];
+      memcpy(e, raw, kXsplit);
+#pragma unroll
+      for (int i = 0; i < kXsplit; ++i) xv[i] = (xs_zero >> i) & 1 ? 0.f : static_cast<float>(e[i]);
+      widen_tile<kN, kThreads>(reinterpret_cast<__half*>(smem_raw + lay.C),
+                     lay.ldN, reinterpret_cast<const int8_t*>(smem_raw + lay.Craw + st * lay.stage), lay.ldNr);
+      widen_tile<kN, kThreads>(reinterpret_cast<__half*>(smem_raw + lay.B),
+                     lay.ldN, reinterpret_cast<const int8_t*>(smem_raw + lay.Braw + st * lay.stage), lay.ldNr);
+    } else {
+      uint32_t w[kXsplit / 2];
+      lds_bytes<sizeof(w)>(w, xraw + xs_row * lay.ldPr + xs_col);
+#pragma unroll
+      for (int i = 0; i < kXsplit / 2; ++i) {
+        const float2 f = unpack2<Tm>(w[i]);
+        xv[2 * i] = f.x;
+        xv[2 * i + 1] = f.y;
+      }
+    }
+    {
+      uint4 hi[kXsplit / 8], lo[kXsplit / 8];
+      split_scaled<Tm>(xv, wv[xs_row], hi, lo);
+      sts_bytes<sizeof(hi)>(xhi + xs_row * lay.ldP + xs_col, hi);
+      sts_bytes<sizeof(lo)>(xlo + xs_row * lay.ldP + xs_col, lo);
+    }
+    __syncthreads();
+    const Tm* Cs = reinterpret_cast<const Tm*>(smem_raw + (kInt8 ? lay.C : lay.Craw + st * lay.stage));
+    const Tm* Bs = reinterpret_cast<const Tm*>(smem_raw + (kInt8 ? lay.B : lay.Braw + st * lay.stage));
+    const Tm* xs = kInt8 ? reinterpret_cast<const Tm*>(smem_raw + lay.x) : reinterpret_cast<const Tm*>(xraw);
+    const int ldx = kInt8 ? lay.ldP : lay.ldPr;
+    const Tm* Sh = reinterpret_cast<const Tm*>(smem_raw + lay.Sh + st * lay.sh_bytes);
+
+    // ---- G = C B^T on the causal tiles (s < 16 (warp + 1)) and Y2 = C S, one A fragment of C each
+    float Gacc[2 * kMmaRowWarps][4], Y1[kPT][4], Y2[kPT][4];
+#pragma unroll
+    for (int j = 0; j < 2 * kMmaRowWarps; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) Gacc[j][i] = 0.f;
+#pragma unroll
+    for (int q = 0; q < kPT; ++q)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) Y1[q][i] = Y2[q][i] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < kK; ++kk) {
+      uint32_t a[4];
+      load_a(a, Cs, lay.ldN, row0, 16 * kk, lane);
+#pragma unroll
+      for (int jj = 0; jj < kMmaRowWarps; ++jj) {
+        if (jj <= wr) {
+          uint32_t bf[4];
+          load_b_nk(bf, Bs, lay.ldN, 16 * jj, 16 * kk, lane);
+          mma16816<Tm>(Gacc[2 * jj], a, bf[0], bf[1]);
+          mma16816<Tm>(Gacc[2 * jj + 1], a, bf[2], bf[3]);
+        }
+      }
+#pragma unroll
+      for (int qq = 0; qq < kPT / 2; ++qq) {
+        uint32_t bf[4];
+        load_b_kn(bf, Sh, lay.ldP, 16 * kk, pg + 16 * qq, lane);
+        mma16816<Tm>(Y2[2 * qq], a, bf[0], bf[1]);
+        mma16816<Tm>(Y2[2 * qq + 1], a, bf[2], bf[3]);
+      }
+    }
+
+    // ---- M = G o exp(cum_t - cum_s) dt_s B_scale C_scale [s <= t], straight into A fragments of
+    // Y1 = M x (k16 step kk = n8 tiles 2kk, 2kk + 1 of G)
+    const float cum_t[2] = {cumv[row0 + gid], cumv[row0 + gid + 8]};
+#pragma unroll
+    for (int kk = 0; kk < kMmaRowWarps; ++kk) {
+      if (kk <= wr) {
+        uint32_t a[4];
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int j = 2 * kk + half, s = 8 * j + 2 * tid4;
+          const float cs0 = cumv[s], cs1 = cumv[s + 1], w0 = dtbv[s], w1 = dtbv[s + 1];
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const int t = row0 + gid + 8 * r;
+            const float m0 = s <= t ? Gacc[j][2 * r] * w0 * fast_exp2(cum_t[r] - cs0) : 0.f;
+            const float m1 = s + 1 <= t ? Gacc[j][2 * r + 1] * w1 * fast_exp2(cum_t[r] - cs1) : 0.f;
+            a[2 * half + r] = pack2<Tm>(m0, m1);
+          }
+        }
+#pragma unroll
+        for (int qq = 0; qq < kPT / 2; ++qq) {
+          uint32_t bf[4];
+          load_b_kn(bf, xs, ldx, 16 * kk, pg + 16 * qq, lane);
+          mma16816<Tm>(Y1[2 * qq], a, bf[0], bf[1]);
+          mma16816<Tm>(Y1[2 * qq + 1], a, bf[2], bf[3]);
+        }
+      }
+    }
+
+    // ---- output: y = x_scale (Y1 + D x) + C_scale exp(cum_t) Y2 (x raw: int8 values for int8)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int t = row0 + gid + 8 * r;
+      if (c0 + t >= L) continue;
+      const float eo = Csc * eov[t];
+      Tout* yrow = y + (static_cast<int64_t>(b) * L + c0 + t) * x_stride + static_cast<int64_t>(h) * P + p0;
+#pragma unroll
+      for (int q = 0; q < kPT; ++q) {
+        const int pc = pg + 8 * q + 2 * tid4;
+        const float2 xq = unpack2<Tm>(*reinterpret_cast<const uint32_t*>(xs + t * ldx + pc));
+        float out[2];
+        out[0] = fmaf(col_xsc[q][0], fmaf(Dh, xq.x, Y1[q][2 * r]), eo * Y2[q][2 * r]);
+        out[1] = fmaf(col_xsc[q][1], fmaf(Dh, xq.y, Y1[q][2 * r + 1]), eo * Y2[q][2 * r + 1]);
+        if (y_pairs) {
+          *reinterpret_cast<uint32_t*>(yrow + pc) = pack2<Tout>(out[0], out[1]);
+        } else {
+          store_run<Tout, 2>(yrow + pc, pcols - pc, out);
+        }
+      }
+    }
+
+    if (warp == 0 && c0 + kChunk < L) token_vectors(c0 + kChunk, st ^ 1);
+
+    // ---- state: S <- exp(cum_end) S + B^T (x_hi + x_lo)
+#pragma unroll
+    for (int mt = 0; mt < kMt; ++mt)
+#pragma unroll
+      for (int q = 0; q < kPT; ++q)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) S[mt][q][i] *= e_end;
+#pragma unroll
+    for (int kk = 0; kk < kChunk / 16; ++kk) {
+      uint32_t bh[kPT / 2][4], bl[kPT / 2][4];
+#pragma unroll
+      for (int qq = 0; qq < kPT / 2; ++qq) {
+        load_b_kn(bh[qq], xhi, lay.ldP, 16 * kk, pg + 16 * qq, lane);
+        load_b_kn(bl[qq], xlo, lay.ldP, 16 * kk, pg + 16 * qq, lane);
+      }
+#pragma unroll
+      for (int mt = 0; mt < kMt; ++mt) {
+        uint32_t a[4];
+        load_a_trans(a, Bs, lay.ldN, 16 * kk, wr * kSRows + 16 * mt, lane);
+#pragma unroll
+        for (int qq = 0; qq < kPT / 2; ++qq) {
+          mma16816<Tm>(S[mt][2 * qq], a, bh[qq][0], bh[qq][1]);
+          mma16816<Tm>(S[mt][2 * qq + 1], a, bh[qq][2], bh[qq][3]);
+          mma16816<Tm>(S[mt][2 * qq], a, bl[qq][0], bl[qq][1]);
+          mma16816<Tm>(S[mt][2 * qq + 1], a, bl[qq][2], bl[qq][3]);
+        }
+      }
+    }
+    store_state_copy(st ^ 1);
+  }
+
+  if (p.final_state != nullptr) {
+#pragma unroll
+    for (int mt = 0; mt < kMt; ++mt)
+#pragma unroll
+      for (int q = 0; q < kPT; ++q)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int n = wr * kSRows + 16 * mt + gid + 8 * (i >> 1), pc = pg + 8 * q + 2 * tid4 + (i & 1);
+          if (n < N && pc < pcols) p.final_state[(state_base + pc) * N + n] = S[mt][q][i] * col_scale[q][i & 1];
+        }
+  }
+}
+
 // ---- decode: one (batch, head, headdim row) per `lanes` lanes, like the Mamba-1 update ----
 constexpr int kSsdDecodeThreads = 128;
 
@@ -620,8 +1188,9 @@ __global__ void __launch_bounds__(kSsdDecodeThreads)
   }
 }
 
-// Benchmark/tuning override (essm_tuning_set_ssd_variant): 0 = by output dtype, 1 = direct,
-// 2 / 3 = chunked with 8 / 16 warps per block (16-bit outputs).
+// Benchmark/tuning override (essm_tuning_set_ssd_variant): 0 = by output dtype and dstate, 1 =
+// direct; for 16-bit outputs 2 / 3 = the WMMA chunked form with 8 / 16 warps per block, 4 / 5 =
+// the register-resident form with 4 / 8 warps (dstate <= 128).
 int g_ssd_variant = 0;
 
 template <typename Tin, typename Tout>
@@ -635,40 +1204,53 @@ cudaError_t launch_ssd_direct(const SsdArgs& a, cudaStream_t stream) {
   return launch_status();
 }
 
-// Lets the chunked kernel with kWarps warps use the layout's dynamic shared memory (above 48 KiB
-// needs the opt-in) before it is launched or its occupancy is asked for.
-template <typename Tin, typename Tout, int kWarps>
-cudaError_t allow_chunked_smem(const ChunkSmem& lay) {
-  return cudaFuncSetAttribute(ssd_chunked_kernel<Tin, Tout, kWarps>,
-                              cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(lay.bytes));
+// cp.async moves 16-byte words: x rows (and the head offset inside a row) must keep that alignment
+// for the chunked kernels to stage x with it (B/C rows always do: aligned base, dstate a multiple
+// of 16); otherwise they stage x with ordinary loads.
+template <typename Tin>
+bool x_rows_async(const SsdArgs& a) {
+  return reinterpret_cast<uintptr_t>(a.x) % 16 == 0 && (a.headdim * sizeof(Tin)) % 16 == 0;
+}
+
+// Shared memory per block available with the opt-in, and the SM count, of the current device.
+inline cudaError_t device_limits(int* smem_max, int* sms) {
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err == cudaSuccess)
+    err = cudaDeviceGetAttribute(smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, dev);
+  return err;
+}
+
+// Lets `kernel` use `bytes` of dynamic shared memory (above 48 KiB needs the opt-in) before it is
+// launched or its occupancy is asked for.
+template <typename K>
+cudaError_t allow_dynamic_smem(K* kernel, size_t bytes) {
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+}
+
+// Warps resident on the busiest SM for a launch of `blocks` blocks of `warps_per_block` warps.
+template <typename K>
+cudaError_t resident_warps(K* kernel, int warps_per_block, size_t smem, int64_t blocks, int sms, int64_t* warps) {
+  cudaError_t err = allow_dynamic_smem(kernel, smem);
+  int per_sm = 0;
+  if (err == cudaSuccess)
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 32 * warps_per_block, smem);
+  if (err != cudaSuccess) return err;
+  const int64_t share = (blocks + sms - 1) / sms;
+  *warps = (share < per_sm ? share : per_sm) * warps_per_block;
+  return cudaSuccess;
 }
 
 // Launches the chunked kernel with kWarps warps per block.
 template <typename Tin, typename Tout, int kWarps>
 cudaError_t launch_ssd_chunked_warps(const SsdArgs& a, const ChunkSmem& lay, int64_t blocks,
                                      int ptiles, cudaStream_t stream) {
-  const cudaError_t err = allow_chunked_smem<Tin, Tout, kWarps>(lay);
+  const cudaError_t err = allow_dynamic_smem(ssd_chunked_kernel<Tin, Tout, kWarps>, lay.bytes);
   if (err != cudaSuccess) return err;
-  // cp.async moves 16-byte words: x rows (and the head offset inside a row) must keep that alignment
-  // (B/C rows always do: aligned base, dstate a multiple of 16); otherwise ordinary loads.
-  const bool async = reinterpret_cast<uintptr_t>(a.x) % 16 == 0 && (a.headdim * sizeof(Tin)) % 16 == 0;
   ssd_chunked_kernel<Tin, Tout, kWarps>
-      <<<static_cast<unsigned>(blocks), 32 * kWarps, lay.bytes, stream>>>(a, ptiles, async);
+      <<<static_cast<unsigned>(blocks), 32 * kWarps, lay.bytes, stream>>>(a, ptiles, x_rows_async<Tin>(a));
   return launch_status();
-}
-
-// Warps resident per SM for a launch of `blocks` blocks of kWarps warps (the busiest SM's share).
-template <typename Tin, typename Tout, int kWarps>
-cudaError_t chunked_resident_warps(const ChunkSmem& lay, int64_t blocks, int sms, int64_t* warps) {
-  cudaError_t err = allow_chunked_smem<Tin, Tout, kWarps>(lay);
-  int per_sm = 0;
-  if (err == cudaSuccess)
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, ssd_chunked_kernel<Tin, Tout, kWarps>,
-                                                        32 * kWarps, lay.bytes);
-  if (err != cudaSuccess) return err;
-  const int64_t share = (blocks + sms - 1) / sms;
-  *warps = (share < per_sm ? share : per_sm) * kWarps;
-  return cudaSuccess;
 }
 
 // The chunked form; the direct form where the chunked form's shared memory (it grows with dstate:
@@ -679,11 +1261,8 @@ template <typename Tin, typename Tout>
 cudaError_t launch_ssd_chunked(const SsdArgs& a, int warps, cudaStream_t stream) {
   static_assert(kChunkWarpChoices[0] == 8 && kChunkWarpChoices[1] == 16, "instantiations below");
   const ChunkSmem lay(a.dstate, sizeof(Tin));
-  int dev = 0, smem_max = 0, sms = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err == cudaSuccess)
-    err = cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  int smem_max = 0, sms = 0;
+  cudaError_t err = device_limits(&smem_max, &sms);
   if (err != cudaSuccess) return err;
   if (lay.bytes > static_cast<size_t>(smem_max)) return launch_ssd_direct<Tin, Tout>(a, stream);
   const int ptiles = (a.headdim + kColTile - 1) / kColTile;
@@ -691,13 +1270,66 @@ cudaError_t launch_ssd_chunked(const SsdArgs& a, int warps, cudaStream_t stream)
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
   if (warps != 8 && warps != 16) {
     int64_t w8 = 0, w16 = 0;
-    err = chunked_resident_warps<Tin, Tout, 8>(lay, blocks, sms, &w8);
-    if (err == cudaSuccess) err = chunked_resident_warps<Tin, Tout, 16>(lay, blocks, sms, &w16);
+    err = resident_warps(ssd_chunked_kernel<Tin, Tout, 8>, 8, lay.bytes, blocks, sms, &w8);
+    if (err == cudaSuccess) err = resident_warps(ssd_chunked_kernel<Tin, Tout, 16>, 16, lay.bytes, blocks, sms, &w16);
     if (err != cudaSuccess) return err;
     warps = w16 > w8 ? 16 : 8;
   }
   return warps == 16 ? launch_ssd_chunked_warps<Tin, Tout, 16>(a, lay, blocks, ptiles, stream)
                      : launch_ssd_chunked_warps<Tin, Tout, 8>(a, lay, blocks, ptiles, stream);
+}
+
+// The register-resident chunked form with the state padded to kN, with `groups` warp groups (1 or
+// 2; 0: two where that puts more warps on the busiest SM, see MmaShape).
+template <typename Tin, typename Tout, int kN>
+cudaError_t launch_ssd_mma(const SsdArgs& a, int groups, int sms, cudaStream_t stream) {
+  static_assert(kMmaGroupChoices[0] == 1 && kMmaGroupChoices[1] == 2, "instantiations below");
+  const MmaSmem lay(kN, sizeof(Tin));
+  const int ptiles = (a.headdim + kColTile - 1) / kColTile;
+  const int64_t blocks = static_cast<int64_t>(a.batch) * a.nheads * ptiles;
+  if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
+  cudaError_t err = cudaSuccess;
+  if (groups != 1 && groups != 2) {
+    int64_t w1 = 0, w2 = 0;
+    err = resident_warps(ssd_mma_kernel<Tin, Tout, kN, 1>, MmaShape<1>::kWarps, lay.bytes, blocks, sms, &w1);
+    if (err == cudaSuccess)
+      err = resident_warps(ssd_mma_kernel<Tin, Tout, kN, 2>, MmaShape<2>::kWarps, lay.bytes, blocks, sms, &w2);
+    if (err != cudaSuccess) return err;
+    groups = w2 > w1 ? 2 : 1;
+  }
+  const bool x_async = x_rows_async<Tin>(a);
+  if (groups == 2) {
+    err = allow_dynamic_smem(ssd_mma_kernel<Tin, Tout, kN, 2>, lay.bytes);
+    if (err != cudaSuccess) return err;
+    ssd_mma_kernel<Tin, Tout, kN, 2>
+        <<<static_cast<unsigned>(blocks), MmaShape<2>::kThreads, lay.bytes, stream>>>(a, ptiles, x_async);
+  } else {
+    err = allow_dynamic_smem(ssd_mma_kernel<Tin, Tout, kN, 1>, lay.bytes);
+    if (err != cudaSuccess) return err;
+    ssd_mma_kernel<Tin, Tout, kN, 1>
+        <<<static_cast<unsigned>(blocks), MmaShape<1>::kThreads, lay.bytes, stream>>>(a, ptiles, x_async);
+  }
+  return launch_status();
+}
+
+// Prefill with 16-bit outputs: the register-resident chunked form where it applies (dstate <= 128
+// and its shared memory fits: 110 KiB at dstate 128 for 16-bit inputs), else the WMMA
+// chunked form. `variant` (g_ssd_variant) 2 / 3 force the WMMA form with 8 / 16 warps, 4 / 5 the
+// register-resident form with 1 / 2 warp groups (where it applies).
+template <typename Tin, typename Tout>
+cudaError_t launch_ssd_prefill16(const SsdArgs& a, int variant, cudaStream_t stream) {
+  if (variant != 2 && variant != 3 && a.dstate <= kMmaMaxState) {
+    const int kn = a.dstate <= 64 ? 64 : 128;
+    int smem_max = 0, sms = 0;
+    const cudaError_t err = device_limits(&smem_max, &sms);
+    if (err != cudaSuccess) return err;
+    if (MmaSmem(kn, sizeof(Tin)).bytes <= static_cast<size_t>(smem_max)) {
+      const int groups = variant == 4 ? 1 : variant == 5 ? 2 : 0;
+      return kn == 64 ? launch_ssd_mma<Tin, Tout, 64>(a, groups, sms, stream)
+                      : launch_ssd_mma<Tin, Tout, 128>(a, groups, sms, stream);
+    }
+  }
+  return launch_ssd_chunked<Tin, Tout>(a, variant == 2 ? 8 : variant == 3 ? 16 : 0, stream);
 }
 
 bool ssd_sizes_ok(int batch, int nheads, int headdim, int ngroups, int dstate) {
@@ -773,14 +1405,13 @@ extern "C" cudaError_t essm_ssd_scan_fwd(essm_dtype in_dtype, essm_dtype out_dty
       return launch_ssd_direct<Tin, Tout>(a, stream);
     } else {
       if (g_ssd_variant == 1) return launch_ssd_direct<Tin, Tout>(a, stream);
-      return launch_ssd_chunked<Tin, Tout>(a, g_ssd_variant == 2 ? 8 : g_ssd_variant == 3 ? 16 : 0,
-                                           stream);
+      return launch_ssd_prefill16<Tin, Tout>(a, g_ssd_variant, stream);
     }
   });
 }
 
 extern "C" int essm_tuning_set_ssd_variant(int variant) {
-  essm::g_ssd_variant = variant >= 1 && variant <= 3 ? variant : 0;
+  essm::g_ssd_variant = variant >= 1 && variant <= 5 ? variant : 0;
   return essm::g_ssd_variant;
 }
 
