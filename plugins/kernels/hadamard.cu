@@ -14,6 +14,14 @@ namespace {
 constexpr int kMaxN = 32768;
 constexpr int kRadixBits = 4;
 constexpr int kRadix = 1 << kRadixBits;
+// Threads per block (at most; one per 16-element group of a pass) and registers bounded so that
+// two blocks share an SM where shared memory allows: each block's passes are separated by
+// barriers, and a 512-thread block at 72 registers was alone on its SM (docs/benchmarks.md). The
+// base-matrix pass (m > 1) keeps a column of m values in registers, hence 256 threads there.
+template <int M>
+constexpr int max_threads() {
+  return M == 1 ? 512 : 256;
+}
 
 // In-place Walsh-Hadamard transform of the first `e` (power of two <= 16) entries of v.
 __device__ __forceinline__ void wht_registers(float (&v)[kRadix], int e) {
@@ -41,7 +49,7 @@ __device__ __forceinline__ float finish_value(float acc, float scale, float out_
 }
 
 template <typename Tin, typename Tout, int M>
-__global__ void hadamard_kernel(const Tin* __restrict__ x, const float* __restrict__ had_m,
+__global__ void __launch_bounds__(max_threads<M>(), 2) hadamard_kernel(const Tin* __restrict__ x, const float* __restrict__ had_m,
                                 int logk, float scale, float out_scale, Tout* __restrict__ y,
                                 int n) {
   constexpr int m = M;
@@ -112,9 +120,17 @@ __global__ void hadamard_kernel(const Tin* __restrict__ x, const float* __restri
       for (int a = 0; a < M; ++a) xa[a] = s[a * K + bcol];
 #pragma unroll 1
       for (int ao = 0; ao < M; ++ao) {
+        // row ao of had_m as 16-byte broadcasts (M is a multiple of 4; hm starts 16-byte aligned)
+        const float4* hrow = reinterpret_cast<const float4*>(hm + ao * M);
         float acc = 0.f;
 #pragma unroll
-        for (int a = 0; a < M; ++a) acc = fmaf(hm[ao * M + a], xa[a], acc);
+        for (int a4 = 0; a4 < M / 4; ++a4) {
+          const float4 hv = hrow[a4];
+          acc = fmaf(hv.x, xa[4 * a4], acc);
+          acc = fmaf(hv.y, xa[4 * a4 + 1], acc);
+          acc = fmaf(hv.z, xa[4 * a4 + 2], acc);
+          acc = fmaf(hv.w, xa[4 * a4 + 3], acc);
+        }
         yr[ao * K + bcol] = from_float<Tout>(finish_value<Tout>(acc, scale, out_scale));
       }
     }
@@ -148,9 +164,9 @@ cudaError_t launch_hadamard_m(const void* x, const float* had_m, int logk, float
                                static_cast<int>(smem));
     if (err != cudaSuccess) return err;
   }
-  // one thread per 16-element group of the widest pass, 32..512 threads
+  // one thread per 16-element group of the widest pass, 32..max_threads<M>() threads
   int threads = 32;
-  while (threads < 512 && threads * kRadix < n) threads <<= 1;
+  while (threads < max_threads<M>() && threads * kRadix < n) threads <<= 1;
   kernel<<<static_cast<unsigned>(rows), threads, smem, stream>>>(
       static_cast<const Tin*>(x), had_m, logk, scale, out_scale, static_cast<Tout*>(y), n);
   return launch_status();
