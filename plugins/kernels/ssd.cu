@@ -1,7 +1,9 @@
 // Mamba-2 SSD scan (prefill) and state update (decode), token-major layout, float and int8 x/B/C.
 //
-// Prefill has two forms (see docs/kernels.md):
-// - chunked, on tensor cores (16-bit outputs): each block walks the sequence of one (batch, head,
+// Prefill has three forms (see docs/kernels.md):
+// - chunked with register-resident phases (16-bit outputs, dstate <= 128): ssd_mma_kernel below.
+// - chunked, on tensor cores through WMMA (16-bit outputs, dstate > 128; forced variants for the
+//   harness and benchmarks): each block walks the sequence of one (batch, head,
 //   32-column headdim tile) in chunks of 64 tokens, keeping the chunk-start state in shared memory.
 //   Per chunk, with cum = the inclusive cumsum of dt*A inside the chunk:
 //     y     = ((C B^T) o exp(cum_t - cum_s) dt_s [s <= t]) x + exp(cum_t) C S + D x
