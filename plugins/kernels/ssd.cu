@@ -591,9 +591,10 @@ __global__ void __launch_bounds__(32 * kWarps)
 // chunk-start state lives in the state accumulators across chunks and is written once per chunk
 // as the 16-bit copy that C S reads. Operands come from shared memory through ldmatrix. The staged
 // tiles are double-buffered with cp.async (chunk c + 1 lands while chunk c computes) and so is the
-// 16-bit state copy. A chunk has two block barriers: its tiles have landed; the state operand
-// x dt exp(cum_end - cum) (split into 16-bit high and low parts once per block, and for int8 the
-// fp16 copies of the tiles) is written. Eligible: 16-bit outputs, dstate <= 128 (padded to kN = 64
+// 16-bit state copy. A chunk has two block barriers: after the first its tiles and its token
+// vectors (computed by warp 0 during the previous chunk) are visible; before the second the state
+// operand x dt exp(cum_end - cum) (split into 16-bit high and low parts once per block) and, for
+// int8, the fp16 copies of the tiles are written. Eligible: 16-bit outputs, dstate <= 128 (padded to kN = 64
 // or 128 with zeros).
 constexpr int kMmaRowWarps = kChunk / 16;  // warps per group: one 16-row slice of the outputs each
 constexpr int kMmaMaxState = 128;
