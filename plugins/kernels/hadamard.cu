@@ -3,9 +3,9 @@
 //
 // One block per row; the row lives in shared memory as float. Element i = a*2^k + b, so the
 // Sylvester factor acts along b independently for each a, and the base matrix acts along a for
-// each b. Sylvester stages are done 4 index bits at a time in registers (16-point transforms):
-// the first pass straight from global memory, the others over shared memory with one barrier per
-// pass. The last pass multiplies by had_m (from shared memory, broadcast) and writes the output.
+// each b. Sylvester stages are done up to 4 index bits at a time in registers (up to 16-point
+// transforms): the first pass (4 bits) straight from global memory, the others over shared memory
+// with one barrier per pass, the remaining bits shared out evenly over the fewest passes. The last pass multiplies by had_m (from shared memory, broadcast) and writes the output.
 #include "common.cuh"
 
 namespace essm {
@@ -84,8 +84,11 @@ __global__ void __launch_bounds__(max_threads<M>(), 2) hadamard_kernel(const Tin
   __syncthreads();
 
   // later passes: bits [lo, lo+bits) of b; a group fixes every other bit (and a)
-  for (int lo = bits0; lo < logk; lo += kRadixBits) {
-    const int bits = min(kRadixBits, logk - lo);
+  // The remaining bits are shared out evenly over the fewest passes (13 bits: 4 + 3 + 3 + 3, not
+  // 4 + 4 + 4 + 1, whose last pass would be a whole sweep for one butterfly per element pair).
+  for (int lo = bits0, bits = 0; lo < logk; lo += bits) {
+    const int passes = (logk - lo + kRadixBits - 1) / kRadixBits;
+    bits = (logk - lo + passes - 1) / passes;
     const int e = 1 << bits;
     for (int g = threadIdx.x; g < n / e; g += nthreads) {
       const int a = g / (K >> bits);
