@@ -893,20 +893,24 @@ __global__ void __launch_bounds__(MmaShape<kGroups>::kThreads, 2 / kGroups)
   };
   stage(0, 0);
 
-  // the chunk-start state: accumulators S[mt][q] (rows n = w kN/4 + 16 mt + gid (+8), columns as above)
+  // the chunk-start state: accumulators S[mt][q] (rows n = w kN/4 + 16 mt + gid (+8), columns as
+  // above); f(element, n, column, its column scale) visits each of this thread's elements
   float S[kMt][kPT][4];
+  auto for_each_state = [&](auto&& f) {
 #pragma unroll
-  for (int mt = 0; mt < kMt; ++mt)
+    for (int mt = 0; mt < kMt; ++mt)
 #pragma unroll
-    for (int q = 0; q < kPT; ++q)
+      for (int q = 0; q < kPT; ++q)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int n = wr * kSRows + 16 * mt + gid + 8 * (i >> 1), pc = pg + 8 * q + 2 * tid4 + (i & 1);
-        const float v = (p.initial_state != nullptr && n < N && pc < pcols)
-                            ? p.initial_state[(state_base + pc) * N + n]
-                            : 0.f;
-        S[mt][q][i] = v / col_scale[q][i & 1];
-      }
+        for (int i = 0; i < 4; ++i)
+          f(S[mt][q][i], wr * kSRows + 16 * mt + gid + 8 * (i >> 1), pg + 8 * q + 2 * tid4 + (i & 1),
+            col_scale[q][i & 1]);
+  };
+  for_each_state([&](float& s, int n, int pc, float sc) {
+    const float v = (p.initial_state != nullptr && n < N && pc < pcols) ? p.initial_state[(state_base + pc) * N + n]
+                                                                       : 0.f;
+    s = v / sc;
+  });
   // its 16-bit copy (true scale) for the next chunk's C S
   auto store_state_copy = [&](int buf) {
     Tm* Sh = reinterpret_cast<Tm*>(smem_raw + lay.Sh + buf * lay.sh_bytes);
@@ -1138,15 +1142,9 @@ __global__ void __launch_bounds__(MmaShape<kGroups>::kThreads, 2 / kGroups)
   }
 
   if (p.final_state != nullptr) {
-#pragma unroll
-    for (int mt = 0; mt < kMt; ++mt)
-#pragma unroll
-      for (int q = 0; q < kPT; ++q)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int n = wr * kSRows + 16 * mt + gid + 8 * (i >> 1), pc = pg + 8 * q + 2 * tid4 + (i & 1);
-          if (n < N && pc < pcols) p.final_state[(state_base + pc) * N + n] = S[mt][q][i] * col_scale[q][i & 1];
-        }
+    for_each_state([&](float& s, int n, int pc, float sc) {
+      if (n < N && pc < pcols) p.final_state[(state_base + pc) * N + n] = s * sc;
+    });
   }
 }
 
@@ -1282,6 +1280,17 @@ cudaError_t launch_ssd_chunked(const SsdArgs& a, int warps, cudaStream_t stream)
                      : launch_ssd_chunked_warps<Tin, Tout, 8>(a, lay, blocks, ptiles, stream);
 }
 
+// Launches the register-resident kernel with kGroups warp groups.
+template <typename Tin, typename Tout, int kN, int kGroups>
+cudaError_t launch_ssd_mma_groups(const SsdArgs& a, const MmaSmem& lay, int64_t blocks, int ptiles,
+                                  cudaStream_t stream) {
+  const cudaError_t err = allow_dynamic_smem(ssd_mma_kernel<Tin, Tout, kN, kGroups>, lay.bytes);
+  if (err != cudaSuccess) return err;
+  ssd_mma_kernel<Tin, Tout, kN, kGroups><<<static_cast<unsigned>(blocks), MmaShape<kGroups>::kThreads, lay.bytes,
+                                           stream>>>(a, ptiles, x_rows_async<Tin>(a));
+  return launch_status();
+}
+
 // The register-resident chunked form with the state padded to kN, with `groups` warp groups (1 or
 // 2; 0: two where that puts more warps on the busiest SM, see MmaShape).
 template <typename Tin, typename Tout, int kN>
@@ -1291,28 +1300,16 @@ cudaError_t launch_ssd_mma(const SsdArgs& a, int groups, int sms, cudaStream_t s
   const int ptiles = (a.headdim + kColTile - 1) / kColTile;
   const int64_t blocks = static_cast<int64_t>(a.batch) * a.nheads * ptiles;
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
-  cudaError_t err = cudaSuccess;
   if (groups != 1 && groups != 2) {
     int64_t w1 = 0, w2 = 0;
-    err = resident_warps(ssd_mma_kernel<Tin, Tout, kN, 1>, MmaShape<1>::kWarps, lay.bytes, blocks, sms, &w1);
+    cudaError_t err = resident_warps(ssd_mma_kernel<Tin, Tout, kN, 1>, MmaShape<1>::kWarps, lay.bytes, blocks, sms, &w1);
     if (err == cudaSuccess)
       err = resident_warps(ssd_mma_kernel<Tin, Tout, kN, 2>, MmaShape<2>::kWarps, lay.bytes, blocks, sms, &w2);
     if (err != cudaSuccess) return err;
     groups = w2 > w1 ? 2 : 1;
   }
-  const bool x_async = x_rows_async<Tin>(a);
-  if (groups == 2) {
-    err = allow_dynamic_smem(ssd_mma_kernel<Tin, Tout, kN, 2>, lay.bytes);
-    if (err != cudaSuccess) return err;
-    ssd_mma_kernel<Tin, Tout, kN, 2>
-        <<<static_cast<unsigned>(blocks), MmaShape<2>::kThreads, lay.bytes, stream>>>(a, ptiles, x_async);
-  } else {
-    err = allow_dynamic_smem(ssd_mma_kernel<Tin, Tout, kN, 1>, lay.bytes);
-    if (err != cudaSuccess) return err;
-    ssd_mma_kernel<Tin, Tout, kN, 1>
-        <<<static_cast<unsigned>(blocks), MmaShape<1>::kThreads, lay.bytes, stream>>>(a, ptiles, x_async);
-  }
-  return launch_status();
+  return groups == 2 ? launch_ssd_mma_groups<Tin, Tout, kN, 2>(a, lay, blocks, ptiles, stream)
+                     : launch_ssd_mma_groups<Tin, Tout, kN, 1>(a, lay, blocks, ptiles, stream);
 }
 
 // Prefill with 16-bit outputs: the register-resident chunked form where it applies (dstate <= 128
