@@ -46,8 +46,8 @@ def kernels_lib(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_every_declared_launcher_is_exported(kernels_lib: Path) -> None:
-    declared = re.findall(r"cudaError_t\s+(essm_\w+)\s*\(", HEADER.read_text())
-    assert len(declared) >= 7, f"expected the 7 launchers in {HEADER}, found {declared}"
+    declared = re.findall(r"(?:cudaError_t|size_t)\s+(essm_\w+)\s*\(", HEADER.read_text())
+    assert len(declared) >= 8, f"expected the 7 launchers and the SSD workspace query in {HEADER}, found {declared}"
     lib = ctypes.CDLL(str(kernels_lib))
     missing = [name for name in declared if not hasattr(lib, name)]
     assert not missing, f"launchers declared in kernels.h but not exported: {missing}"
@@ -64,11 +64,20 @@ def test_unsupported_sizes_are_rejected_on_the_host(kernels_lib: Path) -> None:
     assert had(0, 0, dummy, dummy, 12, 1.0, 1.0, dummy, 1, 36, None) == CUDA_ERROR_INVALID_VALUE  # 36/12 = 3
     assert had(0, 3, dummy, dummy, 1, 1.0, 0.0, dummy, 1, 64, None) == CUDA_ERROR_INVALID_VALUE  # int8, scale 0
     ssd = lib.essm_ssd_scan_fwd
-    ssd.argtypes = [I, I, P, P, P, P, P, P, P, I, F, F, P, P, P, P, I, I, I, I, I, I, I, P]
+    ssd.argtypes = [I, I, P, P, P, P, P, P, P, I, F, F, P, P, P, P, I, I, I, I, I, I, I, P, ctypes.c_size_t, P]
     assert ssd(0, 0, dummy, dummy, dummy, dummy, dummy, None, None, 1, 0.0, math.inf, None, None, dummy, None,
-               1, 8, 2, 64, 1, 24, 256, None) == CUDA_ERROR_INVALID_VALUE  # dstate not a multiple of 16
+               1, 8, 2, 64, 1, 24, 256, None, 0, None) == CUDA_ERROR_INVALID_VALUE  # dstate not a multiple of 16
     assert ssd(0, 0, dummy, dummy, dummy, dummy, dummy, None, None, 1, 0.0, math.inf, None, None, dummy, None,
-               1, 8, 3, 64, 2, 16, 256, None) == CUDA_ERROR_INVALID_VALUE  # heads not divisible by groups
+               1, 8, 3, 64, 2, 16, 256, None, 0, None) == CUDA_ERROR_INVALID_VALUE  # heads not divisible by groups
+    assert ssd(1, 1, dummy, dummy, dummy, dummy, dummy, None, None, 1, 0.0, math.inf, None, None, dummy, None,
+               1, 8, 2, 64, 1, 128, 256, None, 4096, None) == CUDA_ERROR_INVALID_VALUE  # bytes without a workspace
+    ws_size = lib.essm_ssd_scan_workspace_size
+    ws_size.argtypes, ws_size.restype = [I, I, I, I, I, I], ctypes.c_size_t
+    # (out dtype, max batch, max seqlen, heads, headdim, dstate): float32 outputs never split; a
+    # batch-1 prefill of 24 heads does, and larger limits never need less
+    assert ws_size(0, 1, 2048, 24, 64, 128) == 0
+    small, large = ws_size(1, 1, 2048, 24, 64, 128), ws_size(1, 4, 4096, 24, 64, 128)
+    assert 0 < small <= large
     scan = lib.essm_selective_scan_fwd
     scan.argtypes = [I, I, P, P, P, P, P, P, P, P, I, P, P, P, P, I, I, I, I, P]
     assert scan(1, 0, dummy, dummy, dummy, dummy, dummy, None, None, None, 1, None, None, dummy, None,

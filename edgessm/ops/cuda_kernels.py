@@ -35,9 +35,14 @@ _SIGNATURES: dict[str, list] = {
     # the scale-struct pointers are always NULL here (float io only)
     "essm_selective_scan_fwd": [_I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _I, _P, _P, _P, _P, _I, _I, _I, _I, _P],
     "essm_selective_state_update": [_I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _P, _P, _P, _I, _I, _I, _P],
-    "essm_ssd_scan_fwd": [_I, _I, _P, _P, _P, _P, _P, _P, _P, _I, _F, _F, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _P],
+    "essm_ssd_scan_fwd": [_I, _I, _P, _P, _P, _P, _P, _P, _P, _I, _F, _F, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I,
+                          _P, ctypes.c_size_t, _P],
+    "essm_ssd_scan_workspace_size": [_I, _I, _I, _I, _I, _I],
     "essm_ssd_state_update": [_I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _I, _F, _F, _P, _P, _P, _I, _I, _I, _I, _I, _P],
 }
+
+
+_RESTYPES = {"essm_ssd_scan_workspace_size": ctypes.c_size_t}
 
 
 class KernelLaunchError(RuntimeError):
@@ -78,7 +83,7 @@ def kernel_library() -> ctypes.CDLL:
         except AttributeError as e:
             raise BackendUnavailable(f"{path}: does not export {name} (stale build of plugins/?)") from e
         fn.argtypes = argtypes
-        fn.restype = ctypes.c_int
+        fn.restype = _RESTYPES.get(name, ctypes.c_int)
     return lib
 
 
@@ -234,12 +239,16 @@ def ssd_scan_fwd(
     lo, hi = _limits(dt_limit)
     y = torch.empty((b, length, h, p), dtype=x.dtype, device=x.device)
     final = torch.empty((b, h, p, n), dtype=torch.float32, device=x.device)
+    # the workspace of the launcher's sequence split (batch-1 prefill on a large GPU), if it asks for one
+    ws_bytes = int(kernel_library().essm_ssd_scan_workspace_size(io, b, length, h, p, n))
+    ws = torch.empty(ws_bytes, dtype=torch.uint8, device=x.device) if ws_bytes else None
     _launch(op, io, io, _check(op, "x", x, (b, length, h, p)), _check(op, "dt", dt, (b, length, h), x.dtype),
             _check(op, "A", A, (h,), torch.float32), _check(op, "B", B, (b, length, g, n), x.dtype),
             _check(op, "C", C, (b, length, g, n), x.dtype), _check(op, "D", D, (h,), torch.float32, optional=True),
             _check(op, "dt_bias", dt_bias, (h,), torch.float32, optional=True), int(dt_softplus), lo, hi, None,
             _check(op, "initial_state", initial_state, (b, h, p, n), torch.float32, optional=True),
-            y.data_ptr(), final.data_ptr(), b, length, h, p, g, n, chunk_size)
+            y.data_ptr(), final.data_ptr(), b, length, h, p, g, n, chunk_size,
+            None if ws is None else ws.data_ptr(), ws_bytes)
     return y, final
 
 

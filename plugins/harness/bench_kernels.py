@@ -270,11 +270,13 @@ class Bench:
         keep = (torch.full((h * p,), 0.02, device="cuda"), torch.full((g,), 0.02, device="cuda"))
         scales = SsdScales(ptr(keep[0]), ptr(keep[1]), ptr(keep[1])) if in_dt == ESSM_I8 else None
 
+        ws = self.lib.ssd_workspace(ESSM_F16, b, seqlen, h, p, n)  # re-taken for each forced form below
+
         def run(i: int) -> None:
             s = sets[i % len(sets)]
             self.lib.call("essm_ssd_scan_fwd", in_dt, ESSM_F16, ptr(s["x"]), ptr(s["dt"]), ptr(A), ptr(s["B"]),
                           ptr(s["C"]), ptr(Dk), ptr(db), 1, 0.0, math.inf, scales, None, ptr(s["y"]), ptr(sT),
-                          b, seqlen, h, p, g, n, 256)
+                          b, seqlen, h, p, g, n, 256, ptr(ws), 0 if ws is None else ws.numel())
 
         eager, note = None, ""
         if in_dt == ESSM_F16 and not self.profile:
@@ -291,6 +293,7 @@ class Bench:
         tensor = ("tensor", self.unit_floor_ms(flops, TENSOR_F16_FLOPS_PER_CLK_SM))
         for variant, label in SSD_VARIANTS.items():
             with self.lib.forced_ssd_variant(variant):
+                ws = self.lib.ssd_workspace(ESSM_F16, b, seqlen, h, p, n)
                 ms = time_ms(run, self.reps, min(3, self.warmup))
             self.add("ssd_prefill", config, dname, label, ms, nbytes, eager, note, tensor)
 

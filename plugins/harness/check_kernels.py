@@ -245,9 +245,11 @@ class Checker:
         return dict(dev=dict(x=x, B=bm, C=cm), vals=dict(x=x64, B=b64, C=c64), scales=None, keep=None)
 
     def ssd(self, batch: int, seqlen: int, nheads: int, headdim: int, ngroups: int, dstate: int, in_dt: int,
-            out_dt: int, *, init: bool, clamp: bool, variant: int = 0) -> None:
+            out_dt: int, *, init: bool, clamp: bool, variant: tuple[int, int] = (0, 0), workspace: bool = True) -> None:
+        """One SSD prefill under `variant` (SSD_VARIANTS), with the workspace its split asks for (filled
+        with NaN bytes), or none (`workspace=False`: the launcher must then not split)."""
         case = (f"B{batch} L{seqlen} H{nheads} P{headdim} G{ngroups} N{dstate} h0{int(init)} clamp{int(clamp)} "
-                f"{SSD_VARIANTS[variant]}")
+                f"{SSD_VARIANTS[variant]}{'' if workspace else ' no-workspace'}")
         dtname = f"{DTYPE_NAMES[in_dt]}->{DTYPE_NAMES[out_dt]}"
         io = self._ssd_inputs((batch, seqlen, nheads, headdim), (batch, seqlen, ngroups, dstate), nheads,
                               headdim, ngroups, in_dt)
@@ -261,9 +263,10 @@ class Checker:
         y = self.poisoned((batch, seqlen, nheads, headdim), out_dt)
         sT = self.poisoned((batch, nheads, headdim, dstate), ESSM_F32)
         with self.lib.forced_ssd_variant(variant):
+            ws = self.lib.ssd_workspace(out_dt, batch, seqlen, nheads, headdim, dstate) if workspace else None
             self.lib.call("essm_ssd_scan_fwd", in_dt, out_dt, ptr(dv["x"]), ptr(dt), ptr(A), ptr(dv["B"]), ptr(dv["C"]),
                           ptr(Dk), ptr(db), 1, dt_min, dt_max, io["scales"], ptr(s0), ptr(y), ptr(sT), batch, seqlen,
-                          nheads, headdim, ngroups, dstate, 256)
+                          nheads, headdim, ngroups, dstate, 256, ptr(ws), 0 if ws is None else ws.numel())
             torch.cuda.synchronize()
         y_ref, s_ref = ref.ssd_scan(vals["x"], dt64, A64, vals["B"], vals["C"], D64, db64, True, dt_min, dt_max,
                                     s064)
@@ -331,7 +334,13 @@ class Checker:
             "essm_hadamard_transform", ESSM_F32, ESSM_F32, p, p, 12, 1.0, 1.0, p, 1, 36))
         self.expect_rejected("ssd_scan_fwd", "dstate=24", lib.status(
             "essm_ssd_scan_fwd", ESSM_F32, ESSM_F32, p, p, p, p, p, p, p, 1, 0.0, math.inf, None, None, p, None,
-            1, 1, 1, 1, 1, 24, 256))
+            1, 1, 1, 1, 1, 24, 256, None, 0))
+        self.expect_rejected("ssd_scan_fwd", "workspace bytes without a workspace", lib.status(
+            "essm_ssd_scan_fwd", ESSM_F16, ESSM_F16, p, p, p, p, p, p, p, 1, 0.0, math.inf, None, None, p, None,
+            1, 64, 1, 64, 1, 128, 256, None, 4096))
+        self.expect_rejected("ssd_scan_fwd", "workspace not 16-byte aligned", lib.status(
+            "essm_ssd_scan_fwd", ESSM_F16, ESSM_F16, p, p, p, p, p, p, p, 1, 0.0, math.inf, None, None, p, None,
+            1, 64, 1, 64, 1, 128, 256, p + 4, 4092))
         self.expect_rejected("selective_scan_fwd", "f16 in, f32 out", lib.status(
             "essm_selective_scan_fwd", ESSM_F16, ESSM_F32, p, p, p, p, p, None, None, None, 1, None, None, p, None,
             1, 1, 16, 8))
@@ -388,9 +397,12 @@ def run_all(chk: Checker, only: set[str] | None = None) -> None:
             (1, 2100, 2, 64, 1, 128, True, True),
         ]
         for (b, l, h, p, g, n, init, clamp) in ssd_cases:
-            for v in SSD_VARIANTS if out_dt != ESSM_F32 else (0,):
+            for v in SSD_VARIANTS if out_dt != ESSM_F32 else ((0, 0),):
                 add(("ssd", lambda b=b, l=l, h=h, p=p, g=g, n=n, init=init, clamp=clamp, i=in_dt, o=out_dt, v=v:
                      chk.ssd(b, l, h, p, g, n, i, o, init=init, clamp=clamp, variant=v)))
+        if out_dt != ESSM_F32:  # a split forced without a workspace: the launcher must run unsplit
+            add(("ssd", lambda i=in_dt, o=out_dt: chk.ssd(1, 1000, 3, 64, 1, 128, i, o, init=True, clamp=False,
+                                                          variant=(4, 4), workspace=False)))
         for (b, h, p, g, n, ip, clamp) in [(2, 4, 64, 1, 128, False, True), (1, 6, 48, 2, 16, True, False),
                                             (3, 8, 32, 4, 256, False, False)]:
             add(("ssd_update", lambda b=b, h=h, p=p, g=g, n=n, ip=ip, clamp=clamp, i=in_dt, o=out_dt:

@@ -38,12 +38,15 @@ CUDA_ERROR_INVALID_VALUE = 1
 
 DEFAULT_LIB = Path(__file__).resolve().parents[2] / "build" / "plugins" / "libedgessm_kernels.so"
 
-# SSD prefill forms (essm_tuning_set_ssd_variant) -> label. "auto" is the launcher's own choice (for
-# 16-bit outputs the register-resident mma.sync chunked form where dstate <= 128, with 4 or 8 warps
-# by occupancy, else the WMMA chunked form); "wmma/<warps>w" and "mma/<warps>w" force a chunked form
-# and its warps per block (the mma form only where it applies: dstate <= 128). Float32 outputs
+# SSD prefill forms (essm_tuning_set_ssd_variant): (variant, segments) -> label. "auto" is the
+# launcher's own choice (for 16-bit outputs the register-resident mma.sync chunked form where
+# dstate <= 128, with 4 or 8 warps by occupancy and its sequence split into as many segments as
+# fill the GPU, else the WMMA chunked form); "wmma/<warps>w" and "mma/<warps>w[/S<segments>]" force
+# a chunked form, its warps per block and (mma) the segments each sequence is split into (the mma
+# form only where it applies: dstate <= 128; never more segments than chunks). Float32 outputs
 # always take the direct form.
-SSD_VARIANTS = {0: "auto", 1: "direct", 2: "wmma/8w", 3: "wmma/16w", 4: "mma/4w", 5: "mma/8w"}
+SSD_VARIANTS = {(0, 0): "auto", (1, 0): "direct", (2, 0): "wmma/8w", (3, 0): "wmma/16w", (4, 1): "mma/4w",
+                (5, 1): "mma/8w", (4, 2): "mma/4w/S2", (4, 4): "mma/4w/S4", (4, 8): "mma/4w/S8", (5, 3): "mma/8w/S3"}
 
 
 class KernelError(RuntimeError):
@@ -93,13 +96,15 @@ _SIGNATURES: dict[str, list[Any]] = {
     "essm_selective_state_update": [_I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I,
                                     ctypes.POINTER(ScanScales), _P, _P, _I, _I, _I, _P],
     "essm_ssd_scan_fwd": [_I, _I, _P, _P, _P, _P, _P, _P, _P, _I, _F, _F, ctypes.POINTER(SsdScales),
-                          _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _P],
+                          _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _P, ctypes.c_size_t, _P],
+    "essm_ssd_scan_workspace_size": [_I, _I, _I, _I, _I, _I],
     "essm_ssd_state_update": [_I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _I, _F, _F,
                               ctypes.POINTER(SsdScales), _P, _P, _I, _I, _I, _I, _I, _P],
     "essm_hadamard_transform": [_I, _I, _P, _P, _I, _F, _F, _P, _I64, _I, _P],
     "essm_tuning_set_scan_variant": [_I, _I],
-    "essm_tuning_set_ssd_variant": [_I],
+    "essm_tuning_set_ssd_variant": [_I, _I],
 }
+_RESTYPES: dict[str, Any] = {"essm_ssd_scan_workspace_size": ctypes.c_size_t}
 
 
 def ptr(t: torch.Tensor | None) -> int | None:
@@ -123,7 +128,7 @@ class KernelLib:
         for name, argtypes in _SIGNATURES.items():
             fn = getattr(self._lib, name)
             fn.argtypes = argtypes
-            fn.restype = ctypes.c_int
+            fn.restype = _RESTYPES.get(name, ctypes.c_int)
 
     def call(self, name: str, *args: Any) -> None:
         """Launch `name` with `args` (the stream argument is appended); raise on a nonzero code."""
@@ -143,19 +148,29 @@ class KernelLib:
         single-segment one-barrier kernel (dstate <= 16). Returns the variant in force."""
         return int(self._lib.essm_tuning_set_scan_variant(variant, segments))
 
-    def set_ssd_variant(self, variant: int) -> int:
+    def set_ssd_variant(self, variant: int, segments: int = 0) -> int:
         """Force the SSD prefill form (ssd.cu; labels in SSD_VARIANTS): 0 by output dtype and dstate
         (16-bit outputs: the register-resident chunked form for dstate <= 128 with 4 or 8 warps by
         occupancy, else the WMMA chunked form with 8 or 16; float32: the direct recurrence), 1 the
         direct recurrence always, 2 / 3 the WMMA chunked form with 8 / 16 warps, 4 / 5 the
-        register-resident form with 4 / 8 warps (16-bit outputs). Returns the variant in force."""
-        return int(self._lib.essm_tuning_set_ssd_variant(variant))
+        register-resident form with 4 / 8 warps (16-bit outputs); `segments` (1..32) forces the
+        register-resident form's sequence split (0: as many segments as fill the GPU). Returns the
+        variant in force."""
+        return int(self._lib.essm_tuning_set_ssd_variant(variant, segments))
 
     @contextlib.contextmanager
-    def forced_ssd_variant(self, variant: int) -> Iterator[None]:
-        """Runs the block with the SSD prefill form `variant` forced, then back to 0 (by output dtype)."""
-        self.set_ssd_variant(variant)
+    def forced_ssd_variant(self, variant: tuple[int, int]) -> Iterator[None]:
+        """Runs the block with the SSD prefill form (variant, segments) forced, then back to the
+        launcher's own choice."""
+        self.set_ssd_variant(*variant)
         try:
             yield
         finally:
             self.set_ssd_variant(0)
+
+    def ssd_workspace(self, out_dtype: int, batch: int, seqlen: int, nheads: int, headdim: int,
+                      dstate: int) -> torch.Tensor | None:
+        """A workspace for essm_ssd_scan_fwd (under the SSD form in force), filled with 0xFF bytes
+        (NaN as float32: the kernels must not read what they did not write); None if it needs none."""
+        nbytes = int(self._lib.essm_ssd_scan_workspace_size(out_dtype, batch, seqlen, nheads, headdim, dstate))
+        return torch.full((nbytes,), 0xFF, dtype=torch.uint8, device="cuda") if nbytes else None

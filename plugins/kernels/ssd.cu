@@ -21,6 +21,8 @@
 //   per tile.
 #include <mma.h>
 
+#include <algorithm>
+
 #include "common.cuh"
 
 namespace essm {
@@ -616,6 +618,18 @@ struct MmaShape {
 
 constexpr int kTokenVectors = 4;  // per-token vectors of a chunk (see ssd_mma_kernel)
 
+// Sequence split of the register-resident form (docs/kernels.md, "sequence split"): each (batch,
+// head, column tile) walks `segments` segments of seg_len tokens (a multiple of kChunk, so chunks
+// are those of the unsplit walk) in separate blocks. Pass 1 (kStateOnly) runs the state update
+// alone over segments 0 .. segments - 2 from a zero state and writes their end states and total
+// decays; pass 2 starts segment s from the initial state carried through segments < s.
+struct SegSplit {
+  int segments = 1;
+  int seg_len = 0;               // tokens
+  float* states = nullptr;       // [tile][segments - 1][kColTile][kN] (true scale)
+  float* log2_decay = nullptr;   // [tile][segments - 1]: sum of dt A log2(e) over the segment
+};
+
 // Shared-memory layout (byte offsets) of ssd_mma_kernel. 16-bit operand tiles have rows padded by
 // 16 bytes, which makes every ldmatrix phase (8 rows of 16 bytes) hit 32 distinct banks.
 // Double-buffered regions are `stage` / `sh_bytes` apart (buffer 1 after buffer 0).
@@ -814,9 +828,9 @@ __device__ __forceinline__ void widen_tile(__half* dst, int ld, const int8_t* sr
   }
 }
 
-template <typename Tin, typename Tout, int kN, int kGroups>
+template <typename Tin, typename Tout, int kN, int kGroups, bool kStateOnly>
 __global__ void __launch_bounds__(MmaShape<kGroups>::kThreads, 2 / kGroups)
-    ssd_mma_kernel(const SsdArgs p, int ptiles, bool x_async) {
+    ssd_mma_kernel(const SsdArgs p, int ptiles, bool x_async, const SegSplit split) {
   using Tm = MmaType<Tin>;
   using Shape = MmaShape<kGroups>;
   constexpr int kThreads = Shape::kThreads, kPT = Shape::kPT, kXsplit = Shape::kXsplit;
@@ -828,9 +842,19 @@ __global__ void __launch_bounds__(MmaShape<kGroups>::kThreads, 2 / kGroups)
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const MmaSmem lay(kN, sizeof(Tin));
   const int N = p.dstate, L = p.seqlen, H = p.nheads, P = p.headdim, G = p.ngroups;
-  const int ptile = blockIdx.x % ptiles;
-  const int bh = blockIdx.x / ptiles;
+  // block = (tile, segment); tile = (b, h, ptile). Pass 1 runs segments 0 .. segments - 2.
+  const int seg_blocks = kStateOnly ? split.segments - 1 : split.segments;
+  const int seg = blockIdx.x % seg_blocks, tile = blockIdx.x / seg_blocks;
+  const int ptile = tile % ptiles;
+  const int bh = tile / ptiles;
   const int h = bh % H, b = bh / H;
+  const int t_begin = seg * split.seg_len;
+  const int t_end = split.segments > 1 ? min(L, t_begin + split.seg_len) : L;
+  // this tile's pass-1 results: end state and log2 decay of segment j
+  const int64_t seg_slot = static_cast<int64_t>(tile) * (split.segments - 1);
+  auto seg_state = [&](int j, int n, int pc) -> float& {
+    return split.states[((seg_slot + j) * kColTile + pc) * kN + n];
+  };
   const int g = h / (H / G);
   const int p0 = ptile * kColTile;
   const int pcols = min(kColTile, P - p0);
@@ -880,8 +904,9 @@ __global__ void __launch_bounds__(MmaShape<kGroups>::kThreads, 2 / kGroups)
     const int64_t bc0 = tok0 * bc_stride + static_cast<int64_t>(g) * N;
     Tin* xdst = reinterpret_cast<Tin*>(smem_raw + lay.xraw + st * lay.stage);
     const Tin* xsrc = static_cast<const Tin*>(p.x) + tok0 * x_stride + static_cast<int64_t>(h) * P + p0;
-    copy_tile_async<Tin, kN, kThreads>(reinterpret_cast<Tin*>(smem_raw + lay.Craw + st * lay.stage), lay.ldNr,
-                             static_cast<const Tin*>(p.Cm) + bc0, bc_stride, rows, N);
+    if constexpr (!kStateOnly)
+      copy_tile_async<Tin, kN, kThreads>(reinterpret_cast<Tin*>(smem_raw + lay.Craw + st * lay.stage), lay.ldNr,
+                                         static_cast<const Tin*>(p.Cm) + bc0, bc_stride, rows, N);
     copy_tile_async<Tin, kN, kThreads>(reinterpret_cast<Tin*>(smem_raw + lay.Braw + st * lay.stage), lay.ldNr,
                              static_cast<const Tin*>(p.Bm) + bc0, bc_stride, rows, N);
     if (x_async) {
@@ -891,7 +916,7 @@ __global__ void __launch_bounds__(MmaShape<kGroups>::kThreads, 2 / kGroups)
     }
     asm volatile("cp.async.commit_group;\n" ::);
   };
-  stage(0, 0);
+  stage(t_begin, 0);
 
   // the chunk-start state: accumulators S[mt][q] (rows n = w kN/4 + 16 mt + gid (+8), columns as
   // above); f(element, n, column, its column scale) visits each of this thread's elements
@@ -906,9 +931,15 @@ __global__ void __launch_bounds__(MmaShape<kGroups>::kThreads, 2 / kGroups)
           f(S[mt][q][i], wr * kSRows + 16 * mt + gid + 8 * (i >> 1), pg + 8 * q + 2 * tid4 + (i & 1),
             col_scale[q][i & 1]);
   };
+  // Pass 1 starts from zero; pass 2 from the initial state carried through the segments before
+  // this one: S <- S exp2(log2_decay_j) + end_j, j = 0 .. seg - 1.
   for_each_state([&](float& s, int n, int pc, float sc) {
-    const float v = (p.initial_state != nullptr && n < N && pc < pcols) ? p.initial_state[(state_base + pc) * N + n]
-                                                                       : 0.f;
+    if (kStateOnly || n >= N || pc >= pcols) {
+      s = 0.f;
+      return;
+    }
+    float v = p.initial_state != nullptr ? p.initial_state[(state_base + pc) * N + n] : 0.f;
+    for (int j = 0; j < seg; ++j) v = fmaf(v, exp2f(split.log2_decay[seg_slot + j]), seg_state(j, n, pc));
     s = v / sc;
   });
   // its 16-bit copy (true scale) for the next chunk's C S
@@ -925,7 +956,7 @@ __global__ void __launch_bounds__(MmaShape<kGroups>::kThreads, 2 / kGroups)
               pack2<Tm>(S[mt][q][2 * r] * col_scale[q][0], S[mt][q][2 * r + 1] * col_scale[q][1]);
         }
   };
-  store_state_copy(0);
+  if constexpr (!kStateOnly) store_state_copy(0);
 
   // Token vectors of a chunk, double-buffered: buffer k holds cumv (inclusive cumsum of dt A log2(e)),
   // dtbv (dt B_scale C_scale, M's column factor), wv (dt exp(cum_end - cum), the weight of token s
@@ -966,40 +997,45 @@ __global__ void __launch_bounds__(MmaShape<kGroups>::kThreads, 2 / kGroups)
     }
   };
   if (warp == 0) {
-    load_dt(0, dt_raw);
-    token_vectors(0, 0);
+    load_dt(t_begin, dt_raw);
+    token_vectors(t_begin, 0);
   }
 
   Tm* xhi = reinterpret_cast<Tm*>(smem_raw + lay.xhi);
   Tm* xlo = reinterpret_cast<Tm*>(smem_raw + lay.xlo);
   const int row0 = 16 * wr;  // this warp's first output row in the chunk
-  for (int c0 = 0, ci = 0; c0 < L; c0 += kChunk, ++ci) {
+  float seg_log2_decay = 0.f;  // pass 1: sum of dt A log2(e) over the chunks done so far
+  for (int c0 = t_begin, ci = 0; c0 < t_end; c0 += kChunk, ++ci) {
     const int st = ci & 1;
     asm volatile("cp.async.wait_group 0;\n" ::);
     __syncthreads();  // chunk ci's tiles, token vectors and 16-bit state are visible; ci - 1 is done
-    if (c0 + kChunk < L) stage(c0 + kChunk, st ^ 1);
+    if (c0 + kChunk < t_end) stage(c0 + kChunk, st ^ 1);
 
     const float* cumv = vectors(st);
     const float* dtbv = cumv + kChunk;
     const float* wv = dtbv + kChunk;
     const float* eov = wv + kChunk;
     const float e_end = eov[kChunk - 1];  // padding tokens have dt = 0: exp(cum_end)
+    if constexpr (kStateOnly) seg_log2_decay += cumv[kChunk - 1];
 
     // ---- the state operand x dt exp(cum_end - cum) as 16-bit high + low parts (and for int8 the
     // fp16 operand tiles), then the block's second barrier
     const Tin* xraw = reinterpret_cast<const Tin*>(smem_raw + lay.xraw + st * lay.stage);
     float xv[kXsplit];
     if constexpr (kInt8) {
-      uint32_t raw[kXsplit / 4], o[kXsplit / 2];
+      uint32_t raw[kXsplit / 4];
       lds_bytes<kXsplit>(raw, xraw + xs_row * lay.ldPr + xs_col);
-      widen_int8(raw, o);
-      sts_bytes<sizeof(o)>(reinterpret_cast<Tm*>(smem_raw + lay.x) + xs_row * lay.ldP + xs_col, o);
       int8_t e[kXsplit];
       memcpy(e, raw, kXsplit);
 #pragma unroll
       for (int i = 0; i < kXsplit; ++i) xv[i] = (xs_zero >> i) & 1 ? 0.f : static_cast<float>(e[i]);
-      widen_tile<kN, kThreads>(reinterpret_cast<__half*>(smem_raw + lay.C),
-                     lay.ldN, reinterpret_cast<const int8_t*>(smem_raw + lay.Craw + st * lay.stage), lay.ldNr);
+      if constexpr (!kStateOnly) {  // x and C as fp16 operands of M x, C S and the D skip
+        uint32_t o[kXsplit / 2];
+        widen_int8(raw, o);
+        sts_bytes<sizeof(o)>(reinterpret_cast<Tm*>(smem_raw + lay.x) + xs_row * lay.ldP + xs_col, o);
+        widen_tile<kN, kThreads>(reinterpret_cast<__half*>(smem_raw + lay.C), lay.ldN,
+                                 reinterpret_cast<const int8_t*>(smem_raw + lay.Craw + st * lay.stage), lay.ldNr);
+      }
       widen_tile<kN, kThreads>(reinterpret_cast<__half*>(smem_raw + lay.B),
                      lay.ldN, reinterpret_cast<const int8_t*>(smem_raw + lay.Braw + st * lay.stage), lay.ldNr);
     } else {
@@ -1019,96 +1055,98 @@ __global__ void __launch_bounds__(MmaShape<kGroups>::kThreads, 2 / kGroups)
       sts_bytes<sizeof(lo)>(xlo + xs_row * lay.ldP + xs_col, lo);
     }
     __syncthreads();
-    const Tm* Cs = reinterpret_cast<const Tm*>(smem_raw + (kInt8 ? lay.C : lay.Craw + st * lay.stage));
     const Tm* Bs = reinterpret_cast<const Tm*>(smem_raw + (kInt8 ? lay.B : lay.Braw + st * lay.stage));
-    const Tm* xs = kInt8 ? reinterpret_cast<const Tm*>(smem_raw + lay.x) : reinterpret_cast<const Tm*>(xraw);
-    const int ldx = kInt8 ? lay.ldP : lay.ldPr;
-    const Tm* Sh = reinterpret_cast<const Tm*>(smem_raw + lay.Sh + st * lay.sh_bytes);
+    if constexpr (!kStateOnly) {  // the chunk's outputs
+      const Tm* Cs = reinterpret_cast<const Tm*>(smem_raw + (kInt8 ? lay.C : lay.Craw + st * lay.stage));
+      const Tm* xs = kInt8 ? reinterpret_cast<const Tm*>(smem_raw + lay.x) : reinterpret_cast<const Tm*>(xraw);
+      const int ldx = kInt8 ? lay.ldP : lay.ldPr;
+      const Tm* Sh = reinterpret_cast<const Tm*>(smem_raw + lay.Sh + st * lay.sh_bytes);
 
-    // ---- G = C B^T on the causal tiles (s < 16 (warp + 1)) and Y2 = C S, one A fragment of C each
-    float Gacc[2 * kMmaRowWarps][4], Y1[kPT][4], Y2[kPT][4];
+      // ---- G = C B^T on the causal tiles (s < 16 (warp + 1)) and Y2 = C S, one A fragment of C each
+      float Gacc[2 * kMmaRowWarps][4], Y1[kPT][4], Y2[kPT][4];
 #pragma unroll
-    for (int j = 0; j < 2 * kMmaRowWarps; ++j)
+      for (int j = 0; j < 2 * kMmaRowWarps; ++j)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) Gacc[j][i] = 0.f;
+        for (int i = 0; i < 4; ++i) Gacc[j][i] = 0.f;
 #pragma unroll
-    for (int q = 0; q < kPT; ++q)
+      for (int q = 0; q < kPT; ++q)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) Y1[q][i] = Y2[q][i] = 0.f;
+        for (int i = 0; i < 4; ++i) Y1[q][i] = Y2[q][i] = 0.f;
 #pragma unroll
-    for (int kk = 0; kk < kK; ++kk) {
-      uint32_t a[4];
-      load_a(a, Cs, lay.ldN, row0, 16 * kk, lane);
-#pragma unroll
-      for (int jj = 0; jj < kMmaRowWarps; ++jj) {
-        if (jj <= wr) {
-          uint32_t bf[4];
-          load_b_nk(bf, Bs, lay.ldN, 16 * jj, 16 * kk, lane);
-          mma16816<Tm>(Gacc[2 * jj], a, bf[0], bf[1]);
-          mma16816<Tm>(Gacc[2 * jj + 1], a, bf[2], bf[3]);
-        }
-      }
-#pragma unroll
-      for (int qq = 0; qq < kPT / 2; ++qq) {
-        uint32_t bf[4];
-        load_b_kn(bf, Sh, lay.ldP, 16 * kk, pg + 16 * qq, lane);
-        mma16816<Tm>(Y2[2 * qq], a, bf[0], bf[1]);
-        mma16816<Tm>(Y2[2 * qq + 1], a, bf[2], bf[3]);
-      }
-    }
-
-    // ---- M = G o exp(cum_t - cum_s) dt_s B_scale C_scale [s <= t], straight into A fragments of
-    // Y1 = M x (k16 step kk = n8 tiles 2kk, 2kk + 1 of G)
-    const float cum_t[2] = {cumv[row0 + gid], cumv[row0 + gid + 8]};
-#pragma unroll
-    for (int kk = 0; kk < kMmaRowWarps; ++kk) {
-      if (kk <= wr) {
+      for (int kk = 0; kk < kK; ++kk) {
         uint32_t a[4];
+        load_a(a, Cs, lay.ldN, row0, 16 * kk, lane);
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int j = 2 * kk + half, s = 8 * j + 2 * tid4;
-          const float cs0 = cumv[s], cs1 = cumv[s + 1], w0 = dtbv[s], w1 = dtbv[s + 1];
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const int t = row0 + gid + 8 * r;
-            const float m0 = s <= t ? Gacc[j][2 * r] * w0 * fast_exp2(cum_t[r] - cs0) : 0.f;
-            const float m1 = s + 1 <= t ? Gacc[j][2 * r + 1] * w1 * fast_exp2(cum_t[r] - cs1) : 0.f;
-            a[2 * half + r] = pack2<Tm>(m0, m1);
+        for (int jj = 0; jj < kMmaRowWarps; ++jj) {
+          if (jj <= wr) {
+            uint32_t bf[4];
+            load_b_nk(bf, Bs, lay.ldN, 16 * jj, 16 * kk, lane);
+            mma16816<Tm>(Gacc[2 * jj], a, bf[0], bf[1]);
+            mma16816<Tm>(Gacc[2 * jj + 1], a, bf[2], bf[3]);
           }
         }
 #pragma unroll
         for (int qq = 0; qq < kPT / 2; ++qq) {
           uint32_t bf[4];
-          load_b_kn(bf, xs, ldx, 16 * kk, pg + 16 * qq, lane);
-          mma16816<Tm>(Y1[2 * qq], a, bf[0], bf[1]);
-          mma16816<Tm>(Y1[2 * qq + 1], a, bf[2], bf[3]);
+          load_b_kn(bf, Sh, lay.ldP, 16 * kk, pg + 16 * qq, lane);
+          mma16816<Tm>(Y2[2 * qq], a, bf[0], bf[1]);
+          mma16816<Tm>(Y2[2 * qq + 1], a, bf[2], bf[3]);
+        }
+      }
+
+      // ---- M = G o exp(cum_t - cum_s) dt_s B_scale C_scale [s <= t], straight into A fragments of
+      // Y1 = M x (k16 step kk = n8 tiles 2kk, 2kk + 1 of G)
+      const float cum_t[2] = {cumv[row0 + gid], cumv[row0 + gid + 8]};
+#pragma unroll
+      for (int kk = 0; kk < kMmaRowWarps; ++kk) {
+        if (kk <= wr) {
+          uint32_t a[4];
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const int j = 2 * kk + half, s = 8 * j + 2 * tid4;
+            const float cs0 = cumv[s], cs1 = cumv[s + 1], w0 = dtbv[s], w1 = dtbv[s + 1];
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+              const int t = row0 + gid + 8 * r;
+              const float m0 = s <= t ? Gacc[j][2 * r] * w0 * fast_exp2(cum_t[r] - cs0) : 0.f;
+              const float m1 = s + 1 <= t ? Gacc[j][2 * r + 1] * w1 * fast_exp2(cum_t[r] - cs1) : 0.f;
+              a[2 * half + r] = pack2<Tm>(m0, m1);
+            }
+          }
+#pragma unroll
+          for (int qq = 0; qq < kPT / 2; ++qq) {
+            uint32_t bf[4];
+            load_b_kn(bf, xs, ldx, 16 * kk, pg + 16 * qq, lane);
+            mma16816<Tm>(Y1[2 * qq], a, bf[0], bf[1]);
+            mma16816<Tm>(Y1[2 * qq + 1], a, bf[2], bf[3]);
+          }
+        }
+      }
+
+      // ---- output: y = x_scale (Y1 + D x) + C_scale exp(cum_t) Y2 (x raw: int8 values for int8)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int t = row0 + gid + 8 * r;
+        if (c0 + t >= L) continue;
+        const float eo = Csc * eov[t];
+        Tout* yrow = y + (static_cast<int64_t>(b) * L + c0 + t) * x_stride + static_cast<int64_t>(h) * P + p0;
+#pragma unroll
+        for (int q = 0; q < kPT; ++q) {
+          const int pc = pg + 8 * q + 2 * tid4;
+          const float2 xq = unpack2<Tm>(*reinterpret_cast<const uint32_t*>(xs + t * ldx + pc));
+          float out[2];
+          out[0] = fmaf(col_xsc[q][0], fmaf(Dh, xq.x, Y1[q][2 * r]), eo * Y2[q][2 * r]);
+          out[1] = fmaf(col_xsc[q][1], fmaf(Dh, xq.y, Y1[q][2 * r + 1]), eo * Y2[q][2 * r + 1]);
+          if (y_pairs) {
+            *reinterpret_cast<uint32_t*>(yrow + pc) = pack2<Tout>(out[0], out[1]);
+          } else {
+            store_run<Tout, 2>(yrow + pc, pcols - pc, out);
+          }
         }
       }
     }
 
-    // ---- output: y = x_scale (Y1 + D x) + C_scale exp(cum_t) Y2 (x raw: int8 values for int8)
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int t = row0 + gid + 8 * r;
-      if (c0 + t >= L) continue;
-      const float eo = Csc * eov[t];
-      Tout* yrow = y + (static_cast<int64_t>(b) * L + c0 + t) * x_stride + static_cast<int64_t>(h) * P + p0;
-#pragma unroll
-      for (int q = 0; q < kPT; ++q) {
-        const int pc = pg + 8 * q + 2 * tid4;
-        const float2 xq = unpack2<Tm>(*reinterpret_cast<const uint32_t*>(xs + t * ldx + pc));
-        float out[2];
-        out[0] = fmaf(col_xsc[q][0], fmaf(Dh, xq.x, Y1[q][2 * r]), eo * Y2[q][2 * r]);
-        out[1] = fmaf(col_xsc[q][1], fmaf(Dh, xq.y, Y1[q][2 * r + 1]), eo * Y2[q][2 * r + 1]);
-        if (y_pairs) {
-          *reinterpret_cast<uint32_t*>(yrow + pc) = pack2<Tout>(out[0], out[1]);
-        } else {
-          store_run<Tout, 2>(yrow + pc, pcols - pc, out);
-        }
-      }
-    }
-
-    if (warp == 0 && c0 + kChunk < L) token_vectors(c0 + kChunk, st ^ 1);
+    if (warp == 0 && c0 + kChunk < t_end) token_vectors(c0 + kChunk, st ^ 1);
 
     // ---- state: S <- exp(cum_end) S + B^T (x_hi + x_lo)
 #pragma unroll
@@ -1138,10 +1176,13 @@ __global__ void __launch_bounds__(MmaShape<kGroups>::kThreads, 2 / kGroups)
         }
       }
     }
-    store_state_copy(st ^ 1);
+    if constexpr (!kStateOnly) store_state_copy(st ^ 1);
   }
 
-  if (p.final_state != nullptr) {
+  if constexpr (kStateOnly) {  // this segment's end state from zero, and its decay
+    for_each_state([&](float& s, int n, int pc, float sc) { seg_state(seg, n, pc) = s * sc; });
+    if (threadIdx.x == 0) split.log2_decay[seg_slot + seg] = seg_log2_decay;
+  } else if (p.final_state != nullptr && seg == split.segments - 1) {
     for_each_state([&](float& s, int n, int pc, float sc) {
       if (n < N && pc < pcols) p.final_state[(state_base + pc) * N + n] = s * sc;
     });
@@ -1230,13 +1271,18 @@ cudaError_t allow_dynamic_smem(K* kernel, size_t bytes) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
 }
 
+// Blocks of `kernel` (`threads` threads, `smem` dynamic shared memory) resident per SM.
+template <typename K>
+cudaError_t blocks_per_sm(K* kernel, int threads, size_t smem, int* per_sm) {
+  const cudaError_t err = allow_dynamic_smem(kernel, smem);
+  return err == cudaSuccess ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(per_sm, kernel, threads, smem) : err;
+}
+
 // Warps resident on the busiest SM for a launch of `blocks` blocks of `warps_per_block` warps.
 template <typename K>
 cudaError_t resident_warps(K* kernel, int warps_per_block, size_t smem, int64_t blocks, int sms, int64_t* warps) {
-  cudaError_t err = allow_dynamic_smem(kernel, smem);
   int per_sm = 0;
-  if (err == cudaSuccess)
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 32 * warps_per_block, smem);
+  const cudaError_t err = blocks_per_sm(kernel, 32 * warps_per_block, smem, &per_sm);
   if (err != cudaSuccess) return err;
   const int64_t share = (blocks + sms - 1) / sms;
   *warps = (share < per_sm ? share : per_sm) * warps_per_block;
@@ -1280,53 +1326,126 @@ cudaError_t launch_ssd_chunked(const SsdArgs& a, int warps, cudaStream_t stream)
                      : launch_ssd_chunked_warps<Tin, Tout, 8>(a, lay, blocks, ptiles, stream);
 }
 
-// Launches the register-resident kernel with kGroups warp groups.
-template <typename Tin, typename Tout, int kN, int kGroups>
-cudaError_t launch_ssd_mma_groups(const SsdArgs& a, const MmaSmem& lay, int64_t blocks, int ptiles,
-                                  cudaStream_t stream) {
-  const cudaError_t err = allow_dynamic_smem(ssd_mma_kernel<Tin, Tout, kN, kGroups>, lay.bytes);
+// ---- sequence split of the register-resident form (SegSplit) ----
+// Blocks that the workspace is sized to fill: an H100's resident register-resident blocks (132 SMs
+// x 2). A constant, not the device's count, so that a workspace sized when a TensorRT engine is
+// built covers every later launch on any GPU; the launch itself splits no further than its
+// device fills (split_for_device).
+constexpr int64_t kSplitBlocks = 264;
+constexpr int kMaxSegments = 32;
+int g_ssd_segments = 0;  // tuning: forced segment count (essm_tuning_set_ssd_variant), 0 = heuristic
+
+// Fewer segments than this cost more than they save (H100, batch 1, L 2048, 4-warp blocks: 2
+// segments of 24 heads 1.1x faster than no split, of 64 heads 1.1x slower; 4 and 5 segments of 24
+// heads 1.5x and 1.6x faster; docs/benchmarks.md, SSD step 11): each chunk step of a split runs
+// the state-only pass and the full one, ~2.8x an unsplit chunk.
+constexpr int kMinSegments = 3;
+
+// 1, or `want` segments capped at one per chunk and kMaxSegments, if that reaches kMinSegments
+// (a forced count is taken as it is).
+int usable_segments(int64_t want, int chunks) {
+  const int64_t s = std::min<int64_t>({want, chunks, kMaxSegments});
+  return s >= (g_ssd_segments > 0 ? 1 : kMinSegments) ? static_cast<int>(s) : 1;
+}
+
+// Segments per tile that the workspace is sized for: enough blocks for kSplitBlocks (or the forced
+// count).
+int split_cap(int64_t tiles, int chunks) {
+  return usable_segments(g_ssd_segments > 0 ? g_ssd_segments : kSplitBlocks / tiles, chunks);
+}
+
+// Workspace of a split into `segments`: end states [tiles][segments - 1][kColTile][kn], then decays.
+size_t split_state_bytes(int64_t tiles, int segments, int kn) {
+  return segments <= 1 ? 0 : static_cast<size_t>(tiles) * (segments - 1) * kColTile * kn * sizeof(float);
+}
+size_t split_bytes(int64_t tiles, int segments, int kn) {
+  return segments <= 1 ? 0 : split_state_bytes(tiles, segments, kn) + static_cast<size_t>(tiles) * (segments - 1) * sizeof(float);
+}
+
+// The split of one launch: as many segments as fill the device's `slots` resident blocks (unless
+// forced), no more than split_cap and the workspace allow, evened out over the chunks.
+SegSplit split_for_device(int64_t tiles, int seqlen, int kn, int64_t slots, void* ws, size_t ws_bytes) {
+  const int chunks = (seqlen + kChunk - 1) / kChunk;
+  int segments = split_cap(tiles, chunks);
+  if (g_ssd_segments == 0) segments = static_cast<int>(std::min<int64_t>(segments, slots / tiles));
+  while (segments > 1 && split_bytes(tiles, segments, kn) > ws_bytes) --segments;
+  segments = usable_segments(segments, chunks);
+  SegSplit split;
+  if (segments <= 1) return split;
+  const int seg_chunks = (chunks + segments - 1) / segments;
+  split.segments = (chunks + seg_chunks - 1) / seg_chunks;
+  split.seg_len = seg_chunks * kChunk;
+  split.states = static_cast<float*>(ws);
+  split.log2_decay = reinterpret_cast<float*>(static_cast<char*>(ws) + split_state_bytes(tiles, split.segments, kn));
+  return split;
+}
+
+// Launches one pass of the register-resident kernel: kGroups warp groups, kStateOnly = pass 1.
+template <typename Tin, typename Tout, int kN, int kGroups, bool kStateOnly>
+cudaError_t launch_ssd_mma_pass(const SsdArgs& a, const MmaSmem& lay, int64_t blocks, int ptiles,
+                                const SegSplit& split, cudaStream_t stream) {
+  auto kernel = ssd_mma_kernel<Tin, Tout, kN, kGroups, kStateOnly>;
+  const cudaError_t err = allow_dynamic_smem(kernel, lay.bytes);
   if (err != cudaSuccess) return err;
-  ssd_mma_kernel<Tin, Tout, kN, kGroups><<<static_cast<unsigned>(blocks), MmaShape<kGroups>::kThreads, lay.bytes,
-                                           stream>>>(a, ptiles, x_rows_async<Tin>(a));
+  kernel<<<static_cast<unsigned>(blocks), MmaShape<kGroups>::kThreads, lay.bytes, stream>>>(
+      a, ptiles, x_rows_async<Tin>(a), split);
   return launch_status();
 }
 
-// The register-resident chunked form with the state padded to kN, with `groups` warp groups (1 or
-// 2; 0: two where that puts more warps on the busiest SM, see MmaShape).
+// The register-resident chunked form with the state padded to kN, its sequence split by the
+// workspace (ws, ws_bytes; see SegSplit), with `groups` warp groups (1 or 2; 0: two where that
+// puts more warps on the busiest SM, see MmaShape). Pass 1 of a split always runs one group.
 template <typename Tin, typename Tout, int kN>
-cudaError_t launch_ssd_mma(const SsdArgs& a, int groups, int sms, cudaStream_t stream) {
+cudaError_t launch_ssd_mma(const SsdArgs& a, int groups, int sms, void* ws, size_t ws_bytes, cudaStream_t stream) {
   static_assert(kMmaGroupChoices[0] == 1 && kMmaGroupChoices[1] == 2, "instantiations below");
   const MmaSmem lay(kN, sizeof(Tin));
   const int ptiles = (a.headdim + kColTile - 1) / kColTile;
-  const int64_t blocks = static_cast<int64_t>(a.batch) * a.nheads * ptiles;
+  const int64_t tiles = static_cast<int64_t>(a.batch) * a.nheads * ptiles;
+  int per_sm = 0;
+  cudaError_t err = blocks_per_sm(ssd_mma_kernel<Tin, Tout, kN, 1, false>, MmaShape<1>::kThreads, lay.bytes, &per_sm);
+  if (err != cudaSuccess) return err;
+  const SegSplit split = split_for_device(tiles, a.seqlen, kN, static_cast<int64_t>(sms) * per_sm, ws, ws_bytes);
+  const int64_t blocks = tiles * split.segments;
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
   if (groups != 1 && groups != 2) {
     int64_t w1 = 0, w2 = 0;
-    cudaError_t err = resident_warps(ssd_mma_kernel<Tin, Tout, kN, 1>, MmaShape<1>::kWarps, lay.bytes, blocks, sms, &w1);
+    err = resident_warps(ssd_mma_kernel<Tin, Tout, kN, 1, false>, MmaShape<1>::kWarps, lay.bytes, blocks, sms, &w1);
     if (err == cudaSuccess)
-      err = resident_warps(ssd_mma_kernel<Tin, Tout, kN, 2>, MmaShape<2>::kWarps, lay.bytes, blocks, sms, &w2);
+      err = resident_warps(ssd_mma_kernel<Tin, Tout, kN, 2, false>, MmaShape<2>::kWarps, lay.bytes, blocks, sms, &w2);
     if (err != cudaSuccess) return err;
     groups = w2 > w1 ? 2 : 1;
   }
-  return groups == 2 ? launch_ssd_mma_groups<Tin, Tout, kN, 2>(a, lay, blocks, ptiles, stream)
-                     : launch_ssd_mma_groups<Tin, Tout, kN, 1>(a, lay, blocks, ptiles, stream);
+  if (split.segments > 1) {
+    err = launch_ssd_mma_pass<Tin, Tout, kN, 1, true>(a, lay, tiles * (split.segments - 1), ptiles, split, stream);
+    if (err != cudaSuccess) return err;
+  }
+  return groups == 2 ? launch_ssd_mma_pass<Tin, Tout, kN, 2, false>(a, lay, blocks, ptiles, split, stream)
+                     : launch_ssd_mma_pass<Tin, Tout, kN, 1, false>(a, lay, blocks, ptiles, split, stream);
+}
+
+// The register-resident form's padded state size kN for `dstate` under `variant` (g_ssd_variant), 0
+// where it does not apply (16-bit outputs only: the callers decide that).
+int mma_state_pad(int dstate, int variant) {
+  if (variant == 1 || variant == 2 || variant == 3 || dstate > kMmaMaxState) return 0;
+  return dstate <= 64 ? 64 : 128;
 }
 
 // Prefill with 16-bit outputs: the register-resident chunked form where it applies (dstate <= 128
-// and its shared memory fits: 110 KiB at dstate 128 for 16-bit inputs), else the WMMA
-// chunked form. `variant` (g_ssd_variant) 2 / 3 force the WMMA form with 8 / 16 warps, 4 / 5 the
-// register-resident form with 1 / 2 warp groups (where it applies).
+// and its shared memory fits: 110 KiB at dstate 128 for 16-bit inputs), its sequence split as far
+// as the workspace allows, else the WMMA chunked form. `variant` (g_ssd_variant) 2 / 3 force the
+// WMMA form with 8 / 16 warps, 4 / 5 the register-resident form with 1 / 2 warp groups (where it
+// applies).
 template <typename Tin, typename Tout>
-cudaError_t launch_ssd_prefill16(const SsdArgs& a, int variant, cudaStream_t stream) {
-  if (variant != 2 && variant != 3 && a.dstate <= kMmaMaxState) {
-    const int kn = a.dstate <= 64 ? 64 : 128;
+cudaError_t launch_ssd_prefill16(const SsdArgs& a, int variant, void* ws, size_t ws_bytes, cudaStream_t stream) {
+  const int kn = mma_state_pad(a.dstate, variant);
+  if (kn != 0) {
     int smem_max = 0, sms = 0;
     const cudaError_t err = device_limits(&smem_max, &sms);
     if (err != cudaSuccess) return err;
     if (MmaSmem(kn, sizeof(Tin)).bytes <= static_cast<size_t>(smem_max)) {
       const int groups = variant == 4 ? 1 : variant == 5 ? 2 : 0;
-      return kn == 64 ? launch_ssd_mma<Tin, Tout, 64>(a, groups, sms, stream)
-                      : launch_ssd_mma<Tin, Tout, 128>(a, groups, sms, stream);
+      return kn == 64 ? launch_ssd_mma<Tin, Tout, 64>(a, groups, sms, ws, ws_bytes, stream)
+                      : launch_ssd_mma<Tin, Tout, 128>(a, groups, sms, ws, ws_bytes, stream);
     }
   }
   return launch_ssd_chunked<Tin, Tout>(a, variant == 2 ? 8 : variant == 3 ? 16 : 0, stream);
@@ -1382,14 +1501,15 @@ extern "C" cudaError_t essm_ssd_scan_fwd(essm_dtype in_dtype, essm_dtype out_dty
                                          float dt_max, const essm_ssd_scales* scales,
                                          const float* initial_state, void* y, float* final_state,
                                          int batch, int seqlen, int nheads, int headdim,
-                                         int ngroups, int dstate, int chunk_size,
-                                         cudaStream_t stream) {
+                                         int ngroups, int dstate, int chunk_size, void* workspace,
+                                         size_t workspace_bytes, cudaStream_t stream) {
   using namespace essm;
   (void)chunk_size;  // a hint only: the chunked form uses its own chunk length (kChunk)
   if (!ssd_sizes_ok(batch, nheads, headdim, ngroups, dstate) || seqlen <= 0 ||
       dstate % kSsdStates != 0 || dstate > kSsdMaxState || x == nullptr || dt == nullptr ||
       A == nullptr || Bm == nullptr || Cm == nullptr || y == nullptr ||
-      !ssd_scales_ok(in_dtype, scales))
+      !ssd_scales_ok(in_dtype, scales) ||
+      (workspace_bytes > 0 && (workspace == nullptr || reinterpret_cast<uintptr_t>(workspace) % 16 != 0)))
     return cudaErrorInvalidValue;
   const SsdArgs a = make_ssd_args(in_dtype, x, dt, A, Bm, Cm, Dskip, dt_bias, dt_softplus, dt_min,
                                   dt_max, scales, initial_state, y, final_state, batch, seqlen,
@@ -1405,13 +1525,30 @@ extern "C" cudaError_t essm_ssd_scan_fwd(essm_dtype in_dtype, essm_dtype out_dty
       return launch_ssd_direct<Tin, Tout>(a, stream);
     } else {
       if (g_ssd_variant == 1) return launch_ssd_direct<Tin, Tout>(a, stream);
-      return launch_ssd_prefill16<Tin, Tout>(a, g_ssd_variant, stream);
+      return launch_ssd_prefill16<Tin, Tout>(a, g_ssd_variant, workspace, workspace_bytes, stream);
     }
   });
 }
 
-extern "C" int essm_tuning_set_ssd_variant(int variant) {
+extern "C" size_t essm_ssd_scan_workspace_size(essm_dtype out_dtype, int max_batch, int max_seqlen, int nheads,
+                                               int headdim, int dstate) {
+  using namespace essm;
+  const int kn = mma_state_pad(dstate, g_ssd_variant);
+  if (out_dtype == ESSM_F32 || kn == 0 || max_batch <= 0 || max_seqlen <= 0 || nheads <= 0 || headdim <= 0)
+    return 0;
+  const int chunks = (max_seqlen + kChunk - 1) / kChunk;
+  const int64_t tiles1 = static_cast<int64_t>(nheads) * ((headdim + kColTile - 1) / kColTile);
+  // The largest need over batches 1 .. max_batch: a forced segment count needs the most at
+  // max_batch; the heuristic's count falls as the batch grows and is 1 from kSplitBlocks tiles on.
+  auto need = [&](int64_t batch) { return split_bytes(batch * tiles1, split_cap(batch * tiles1, chunks), kn); };
+  size_t most = need(max_batch);
+  for (int64_t b = 1; b < std::min<int64_t>(max_batch, kSplitBlocks); ++b) most = std::max(most, need(b));
+  return most;
+}
+
+extern "C" int essm_tuning_set_ssd_variant(int variant, int segments) {
   essm::g_ssd_variant = variant >= 1 && variant <= 5 ? variant : 0;
+  essm::g_ssd_segments = segments >= 1 && segments <= essm::kMaxSegments ? segments : 0;
   return essm::g_ssd_variant;
 }
 

@@ -58,6 +58,13 @@ cudaError_t launchSelectiveStateUpdate(LaunchArgs const& a) {
                                      i32(s['D']), i32(s['N']), a.stream);
 }
 
+// The SSD scan's workspace (its sequence split) for batch <= B and seqlen <= L: what
+// getWorkspaceSize reserves for the profile's largest shapes, and (no more than that) what a
+// launch with smaller shapes may use.
+size_t ssdScanWorkspace(Symbols const& s, essm_dtype io) {
+  return essm_ssd_scan_workspace_size(io, i32(s['B']), i32(s['L']), i32(s['H']), i32(s['P']), i32(s['N']));
+}
+
 // inputs: x dt A Bm Cm Dskip dt_bias [x_scale B_scale C_scale]
 cudaError_t launchSSDScan(LaunchArgs const& a) {
   // scale inputs exist only for the Quant* op: read them only then (float ops have 7 inputs)
@@ -67,7 +74,8 @@ cudaError_t launchSSDScan(LaunchArgs const& a) {
   return essm_ssd_scan_fwd(inDtype(a), a.io, a.in[0], a.in[1], f32(a.in[2]), a.in[3], a.in[4], f32(a.in[5]),
                            f32(a.in[6]), a.attrs.i(0), a.attrs.f(1), a.attrs.f(2), isQuant(a) ? &scales : nullptr,
                            nullptr, a.out[0], f32(a.out[1]), i32(s['B']), i32(s['L']), i32(s['H']), i32(s['P']),
-                           i32(s['G']), i32(s['N']), a.attrs.i(3), a.stream);
+                           i32(s['G']), i32(s['N']), a.attrs.i(3), a.workspace, ssdScanWorkspace(s, a.io),
+                           a.stream);
 }
 
 // inputs: state x dt A Bm Cm Dskip dt_bias [x_scale B_scale C_scale]
@@ -167,7 +175,7 @@ std::vector<OpSpec> buildSpecs() {
              {{"x", IO, "BLHP"}, {"dt", IO, "BLH"}, {"A", F32, "H"}, {"Bm", IO, "BLGN"}, {"Cm", IO, "BLGN"},
               {"Dskip", F32, "H"}, {"dt_bias", F32, "H"}},
              {{"y", IO, "BLHP"}, {"final_state", F32, "BHPN"}},
-             {kDtSoftplus, kDtMin, kDtMax, kChunk}, -1, checkSSD, launchSSDScan};
+             {kDtSoftplus, kDtMin, kDtMax, kChunk}, -1, checkSSD, launchSSDScan, ssdScanWorkspace};
   OpSpec ssd_update{"SSDStateUpdate",
                     {{"state", F32, "BHPN"}, {"x", IO, "BHP"}, {"dt", IO, "BH"}, {"A", F32, "H"}, {"Bm", IO, "BGN"},
                      {"Cm", IO, "BGN"}, {"Dskip", F32, "H"}, {"dt_bias", F32, "H"}},

@@ -308,6 +308,35 @@ int32_t Plugin::configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int
   return 1;
 }
 
+size_t Plugin::getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
+                                nvinfer1::DynamicPluginTensorDesc const* out, int32_t nbOutputs) const noexcept {
+  if (spec_.workspace == nullptr) return 0;  // the launcher works in place in its outputs
+  try {
+    // the profile's largest shapes: the op's workspace function covers every shape up to them
+    auto at_max = [](nvinfer1::DynamicPluginTensorDesc const* d, int32_t n) {
+      std::vector<nvinfer1::PluginTensorDesc> v;
+      for (int32_t i = 0; i < n; ++i) {
+        v.push_back(d[i].desc);
+        v.back().dims = d[i].max;
+      }
+      return v;
+    };
+    std::vector<nvinfer1::PluginTensorDesc> const in_max = at_max(in, nbInputs), out_max = at_max(out, nbOutputs);
+    Symbols sym;
+    std::string const err = checkConcrete(in_max.data(), nbInputs, nbOutputs, sym);
+    if (!err.empty()) {
+      logError(err);
+      return 0;
+    }
+    DataType io{};
+    if (!fixedIo(io)) io = firstIoType(in_max.data(), out_max.data());
+    return spec_.workspace(sym, toEssm(io));
+  } catch (std::exception const& e) {
+    logError(std::string(spec_.name) + ": getWorkspaceSize: " + e.what());
+  }
+  return 0;
+}
+
 int32_t Plugin::onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs,
                               nvinfer1::PluginTensorDesc const*, int32_t nbOutputs) noexcept {
   try {
@@ -322,7 +351,8 @@ int32_t Plugin::onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbIn
 }
 
 int32_t Plugin::enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1::PluginTensorDesc const* outputDesc,
-                        void const* const* inputs, void* const* outputs, void*, cudaStream_t stream) noexcept {
+                        void const* const* inputs, void* const* outputs, void* workspace,
+                        cudaStream_t stream) noexcept {
   try {
     int32_t const nbIn = static_cast<int32_t>(spec_.inputs.size());
     Symbols sym;
@@ -333,7 +363,7 @@ int32_t Plugin::enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1::P
     }
     DataType io{};
     if (!fixedIo(io)) io = firstIoType(inputDesc, outputDesc);
-    LaunchArgs const args{spec_, toEssm(io), inputs, outputs, sym, attrs_, stream};
+    LaunchArgs const args{spec_, toEssm(io), inputs, outputs, sym, attrs_, workspace, stream};
     cudaError_t const e = spec_.launch(args);
     if (e == cudaSuccess) return 0;
     logError(std::string(spec_.name) + " (" + name_ + "): kernel launch failed: " + cudaGetErrorName(e) + " (" +

@@ -67,6 +67,7 @@ struct LaunchArgs {
   void* const* out;
   Symbols const& sym;
   AttrValues const& attrs;
+  void* workspace;  // getWorkspaceSize's bytes (of the profile's largest shapes)
   cudaStream_t stream;
 };
 
@@ -79,6 +80,8 @@ struct OpSpec {
   // Size constraints beyond shape agreement, checked once all symbols are known; "" = fine.
   std::string (*check)(Symbols const&, AttrValues const&);
   cudaError_t (*launch)(LaunchArgs const&);
+  // Device workspace bytes for every shape up to the bound symbols (a profile's largest); none if null.
+  size_t (*workspace)(Symbols const&, essm_dtype io) = nullptr;
 };
 
 // The op table (essm_ops.cpp), in docs/onnx_ops.md order.
@@ -121,10 +124,8 @@ class Plugin final : public nvinfer1::IPluginV3,
   bool supportsFormatCombination(int32_t pos, nvinfer1::DynamicPluginTensorDesc const* inOut,
                                  int32_t nbInputs, int32_t nbOutputs) noexcept override;
   int32_t getNbOutputs() const noexcept override { return static_cast<int32_t>(spec_.outputs.size()); }
-  size_t getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const*, int32_t,
-                          nvinfer1::DynamicPluginTensorDesc const*, int32_t) const noexcept override {
-    return 0;  // every launcher works in place in its outputs
-  }
+  size_t getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
+                          nvinfer1::DynamicPluginTensorDesc const* out, int32_t nbOutputs) const noexcept override;
   char const* getTimingCacheID() noexcept override { return description_.c_str(); }
   char const* getMetadataString() noexcept override { return description_.c_str(); }
 

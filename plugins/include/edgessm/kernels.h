@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cuda_runtime_api.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #ifdef __cplusplus
@@ -85,13 +86,24 @@ typedef struct essm_ssd_scales {
 // x, y: [batch, seqlen, nheads, headdim]; dt: [batch, seqlen, nheads]; A, Dskip, dt_bias: [nheads]
 // f32 (Dskip/dt_bias may be NULL); Bm, Cm: [batch, seqlen, ngroups, dstate];
 // initial_state (may be NULL) / final_state (may be NULL): [batch, nheads, headdim, dstate] f32.
+// workspace: workspace_bytes of device memory (16-byte aligned; NULL with 0 bytes), its contents
+// ignored and overwritten. With 16-bit outputs a batch too small to fill the GPU has each
+// sequence split into segments run in parallel, as far as the workspace allows (none without
+// one); essm_ssd_scan_workspace_size gives the size that allows the full split.
 cudaError_t essm_ssd_scan_fwd(essm_dtype in_dtype, essm_dtype out_dtype, const void* x,
                               const void* dt, const float* A, const void* Bm, const void* Cm,
                               const float* Dskip, const float* dt_bias, int dt_softplus,
                               float dt_min, float dt_max, const essm_ssd_scales* scales,
                               const float* initial_state, void* y, float* final_state, int batch,
                               int seqlen, int nheads, int headdim, int ngroups, int dstate,
-                              int chunk_size, cudaStream_t stream);
+                              int chunk_size, void* workspace, size_t workspace_bytes,
+                              cudaStream_t stream);
+
+// Workspace bytes that let essm_ssd_scan_fwd split the sequence fully for every batch <= max_batch
+// and seqlen <= max_seqlen with these sizes (0 where it never splits, e.g. float32 outputs). The
+// same on every GPU, so a size taken when a TensorRT engine is built holds for later launches.
+size_t essm_ssd_scan_workspace_size(essm_dtype out_dtype, int max_batch, int max_seqlen, int nheads,
+                                    int headdim, int dstate);
 
 // One decode step. state_in/out: [batch, nheads, headdim, dstate] f32 (out may alias in);
 // x, y: [batch, nheads, headdim]; dt: [batch, nheads]; Bm, Cm: [batch, ngroups, dstate].
