@@ -310,11 +310,34 @@ def test_triton_gemv_vs_float64(mode: str, shape: tuple[int, int, int]) -> None:
 
 
 def test_gemv_block_n() -> None:
-    """GEMV programs own 32 output rows for large N and shrink (W8 to 1, W4 to 4) until the grid has
-    ~528 programs."""
+    """W8 GEMV programs own 32 output rows for large N and shrink to 1 until the grid has ~528 programs."""
     ns = (80, 160, 2048, 8192, 50280)
     assert [Q._block_n(n, 32, Q._W8_GEMV_MIN_BLOCK_N, Q._GEMV_PROGRAMS) for n in ns] == [1, 1, 2, 8, 32]
-    assert [Q._block_n(n, 32, Q._W4_GEMV_MIN_BLOCK_N, Q._GEMV_PROGRAMS) for n in ns] == [4, 4, 4, 8, 32]
+
+
+# (N, K) -> (BLOCK_N, VEC, BLOCK_W, BATCH, num_warps) of the W4 GEMV for the Mamba-1 1.4B and 130M layers
+W4_CONFIGS = {
+    (8192, 2048): (8, 4, 256, 1, 2), (50280, 2048): (8, 4, 256, 1, 2), (2048, 4096): (8, 4, 512, 1, 4),
+    (160, 4096): (1, 4, 512, 1, 4), (4096, 128): (4, 1, 16, 1, 1),
+    (3072, 768): (4, 1, 32, 3, 1), (50280, 768): (8, 1, 32, 3, 1), (768, 1536): (1, 2, 64, 3, 1),
+}
+
+
+@pytest.mark.parametrize("n", [1, 3, 5, 80, 160, 768, 2048, 8192, 50280])
+@pytest.mark.parametrize("k", [32, 128, 640, 768, 1536, 2048, 2176, 2560, 4096, 8192, 65536 + 32])
+def test_w4_gemv_config(n: int, k: int) -> None:
+    """The W4 GEMV tiling: whole powers of two of rows per program (within N, as the last program is
+    moved back to end at row N), K steps that cover the row with at most a third masked, a step that
+    fills its warps (or is below one warp), and at most _W4_GEMV_MAX_WORDS words per thread per wait."""
+    bn, vec, bw, batch, warps = cfg = Q._w4_gemv_config(n, k)
+    kw = k // 8
+    assert cfg == W4_CONFIGS.get((n, k), cfg)
+    assert bn in (1, 2, 4, 8) and bn <= n
+    assert vec in (1, 2, 4) and 8 * vec <= 32 and warps in (1, 2, 4)  # a thread's VEC words lie in one group
+    assert bw == 32 * warps * vec or (bw < 32 and warps == vec == 1)
+    steps = -(-kw // bw)
+    assert 3 * steps * bw <= 4 * kw or bw == 32
+    assert 1 <= batch <= steps and (batch == 1 or batch * bn * vec <= Q._W4_GEMV_MAX_WORDS)
 
 
 def _interpreter_runs_scalar_loops() -> bool:
@@ -342,6 +365,74 @@ def test_triton_gemv_in_interpreter() -> None:
     errs = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(errs) == len(GEMV_MODES) * len(INTERPRETER_SHAPES)
     assert all(err < GEMV_BOUND for _, _, err in errs), errs
+
+
+# W4 GEMV cases (M, N, K, group, dtype, x layout) for the GPU and, with the most rows per program (so
+# that the programs own 2-8 rows and the last one overlaps), for the interpreter: one K step of 256 or
+# 512 words, 3 batched steps of 32 or 64 words, 2 steps of 512 (two waits), masked steps (K/8 = 272),
+# 16 words on 32 threads (K = 128); bias for odd M; x strided, with an odd stride (copied) or at an
+# address that is not a multiple of 4 bytes (copied).
+W4_CASES = [
+    (1, 13, 2048, 128, "float16", "contiguous"), (3, 13, 2048, 32, "bfloat16", "strided"),
+    (4, 24, 4096, 64, "float16", "contiguous"), (1, 10, 768, 128, "bfloat16", "contiguous"),
+    (2, 6, 1536, 32, "float16", "odd-stride"), (3, 9, 8192, 128, "float16", "contiguous"),
+    (2, 5, 2176, 64, "bfloat16", "misaligned"), (3, 3, 128, 32, "float16", "strided"),
+    (1, 11, 640, 64, "float16", "contiguous"),
+]
+W4_GPU_CASES = W4_CASES + [
+    (1, 8192, 2048, 128, "float16", "contiguous"), (1, 50280, 2048, 128, "bfloat16", "contiguous"),
+    (4, 2048, 4096, 128, "float16", "contiguous"), (1, 160, 4096, 128, "float16", "strided"),
+    (3, 3072, 768, 128, "bfloat16", "contiguous"), (1, 4096, 128, 128, "float16", "strided"),
+]
+# float16 output rounding; bfloat16 output rounding (its 8-bit mantissa; Triton's interpreter truncates)
+W4_BOUND = {"float16": GEMV_BOUND, "bfloat16": 8e-3}
+
+
+def _w4_rel_err(case: tuple, device: str) -> float:
+    m, n, k, group, dtype, layout = case
+    dt = getattr(torch, dtype)
+    gen = torch.Generator().manual_seed(n * k + m)
+    xs = torch.randn(m, k + 2, generator=gen).to(device=device, dtype=dt)
+    if layout == "contiguous":
+        x = xs[:, :k].contiguous()
+    elif layout == "strided":  # e.g. dt_proj's input, the first dt_rank columns of x_proj's output
+        x = xs[:, :k]
+    elif layout == "odd-stride":
+        x = xs.view(-1)[: m * (k + 1)].view(m, k + 1)[:, :k]
+    else:  # misaligned: 2 bytes past a 4-byte boundary
+        x = xs.view(-1)[1: 1 + m * k].view(m, k)
+    w = torch.randn(n, k, generator=gen).to(device) * 0.05
+    bias = torch.randn(n, generator=gen).to(device=device, dtype=dt) if m % 2 else None
+    p, s = Q.quantize_w4(w, group)
+    out = torch.full((m, n), float("nan"), device=device, dtype=dt)
+    got = Q.gemv_w4a16(x, p, s, bias, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    return rel_err(got, Q.reference_w4a16(x, p, s, bias))
+
+
+@needs_gpu
+@needs_triton
+@pytest.mark.parametrize("case", W4_GPU_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_w4_gemv_vs_float64(case: tuple) -> None:
+    assert _w4_rel_err(case, "cuda") < W4_BOUND[case[4]]
+
+
+@needs_triton
+@pytest.mark.skipif(Q.triton is not None and not _interpreter_runs_scalar_loops(),
+                    reason="Triton < 3.8's interpreter needs NumPy < 2.4")
+def test_w4_gemv_in_interpreter() -> None:
+    """The W4 GEMV over W4_CASES in Triton's interpreter vs float64, with up to 8 rows per program."""
+    code = ("import json, torch; from tests.test_cuda_backend import _w4_rel_err, W4_CASES, Q;"
+            "Q._W4_GEMV_WARPS = 1;"
+            "print(json.dumps([[c, _w4_rel_err(c, 'cpu')] for c in W4_CASES]))")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    errs = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(errs) == len(W4_CASES)
+    assert all(err < W4_BOUND[case[4]] for case, err in errs), errs
 
 
 @needs_gpu

@@ -14,7 +14,8 @@ Quantized weight formats (all symmetric, no zero point; ``W`` is the float weigh
 
 Decode (M = batch <= 4) runs the GEMV kernels: each program owns a few output rows of one row of x
 and streams them over K in wide tiles, multiplying element-wise and reducing once at the end; the
-step is bound by reading the weights once. Larger M runs the GEMM kernels, which tile M (tokens) by
+step is bound by reading the weights once. The W4 one reads the packed weights as int32 words (8
+nibbles, low nibble first) and is compiled for each K, its K steps unrolled. Larger M runs the GEMM kernels, which tile M (tokens) by
 16 or 64 and N (outputs) by 16..64 on tensor cores and stream K. Every kernel has a
 float64 reference (``reference_*``) used by the tests. Activations of the A16 kernels are float16
 or bfloat16; outputs are in the activation dtype (float16 for W8A8 with int8 input).
@@ -241,36 +242,144 @@ if triton is not None:
                   CHANNEL_SCALE=True, A8=A8, HAS_BIAS=HAS_BIAS)
 
     @triton.jit
+    def _w4_nibble(u, I: tl.constexpr, fmagic):
+        # Nibble I (bits 4I..4I+3, input k = 8w + I) of the offset-binary words u (each nibble + 8, in
+        # [0, 15]) as its signed float32 value. One LOP3 puts the nibble into the mantissa of the float
+        # 2**(23 - 4I), whose mantissa bit 4I weighs 1, so the float is exactly 2**(23 - 4I) + nibble;
+        # one FADD removes 2**(23 - 4I) + 8. Nibbles 5..7 would overlap the exponent, so they are taken
+        # from u >> 12 (one shift per word) at positions 2..4.
+        J: tl.constexpr = I if I < 5 else I - 3
+        v = u if I < 5 else u >> 12
+        f = ((v & (0xF << (4 * J))) | (fmagic - ((4 * J) << 23))).to(tl.float32, bitcast=True)
+        return f - (2.0 ** (23 - 4 * J) + 8.0)
+
+    @triton.jit
+    def _and(a, b):
+        return a & b
+
+    @triton.jit
+    def _x_halves(xw, F16: tl.constexpr):
+        """An int32 word holding two 16-bit activations (low half = even k) -> the two as float32."""
+        if F16:
+            lo = (xw & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            hi = (xw >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        else:  # bfloat16 is the upper half of a float32
+            lo = (xw << 16).to(tl.float32, bitcast=True)
+            hi = (xw & -65536).to(tl.float32, bitcast=True)
+        return lo, hi
+
+    @triton.jit
+    def _w4_rows_sum(accs, R: tl.constexpr):
+        """R (1, 2, 4 or 8) per-row partial sums [C] -> their sums [R] in one reduction: the rows are
+        joined into an in-thread last axis first (one shuffle tree and one cross-warp exchange for all
+        rows instead of R)."""
+        C: tl.constexpr = accs[0].shape[0]
+        if R == 1:
+            t = tl.reshape(accs[0], [C, 1])
+        elif R == 2:
+            t = tl.join(accs[0], accs[1])
+        elif R == 4:  # the nested joins put row r at [:, r // 2, r % 2]: the reshape keeps row order
+            t = tl.reshape(tl.join(tl.join(accs[0], accs[2]), tl.join(accs[1], accs[3])), [C, 4])
+        else:
+            t = tl.reshape(tl.join(tl.join(tl.join(accs[0], accs[4]), tl.join(accs[2], accs[6])),
+                                   tl.join(tl.join(accs[1], accs[5]), tl.join(accs[3], accs[7]))), [C, 8])
+        return tl.sum(t, axis=0)
+
+    @triton.jit(do_not_specialize=["fmagic"])
     def _w4_gemv_kernel(
-        x_ptr, p_ptr, s_ptr, b_ptr, y_ptr, N, K, n_groups, stride_xm, stride_ym,
-        HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
+        x_ptr, p_ptr, s_ptr, b_ptr, y_ptr, N, stride_xm, stride_ym, fmagic,
+        K: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+        BLOCK_N: tl.constexpr, VEC: tl.constexpr, BLOCK_W: tl.constexpr, BATCH: tl.constexpr,
     ):
-        # Decode (few rows of x): program (i, m) owns BLOCK_N output rows and takes GROUPS whole
-        # quantization groups per K step as a [BLOCK_N, GROUPS, GROUP/2] tile of packed bytes
-        # (contiguous per row), so the group scale is one [BLOCK_N, GROUPS] load broadcast over the
-        # group. Even inputs pair with low nibbles, odd inputs with high nibbles.
-        HALF: tl.constexpr = GROUP // 2
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        # Decode (few rows of x): program (i, m) owns BLOCK_N output rows of activation row m. The packed
+        # weights are read as int32 words (8 nibbles = inputs 8w..8w+7, low nibble first): per K step of
+        # BLOCK_W words, each thread takes VEC consecutive words (one vector load, inside one
+        # quantization group) of every row. The rows are separate tensors of one layout, so the
+        # activations (read as int32 pairs) are converted once for all BLOCK_N rows and nothing changes
+        # layout. Per weight: one LOP3 + one FADD (_w4_nibble) + one FFMA; per row and thread the VEC
+        # words are summed in-thread and multiplied by their group scale once. K is a compile-time
+        # constant and the K steps unroll, BATCH steps' loads at a time; the rows are reduced across
+        # threads together at the end.
+        #
+        # ``fmagic`` is 0x4B000000 (the float 2**23) passed in at run time rather than written as a
+        # literal: as a register it lets ptxas fuse (u & mask) | magic into one LOP3 (with two
+        # immediates it emits two), and ``fmagic >> 31`` is a 0 the compiler cannot fold (below).
+        KW: tl.constexpr = K // 8  # int32 words per row
+        NG: tl.constexpr = K // GROUP
+        CH: tl.constexpr = BLOCK_W // VEC
+        STEPS: tl.constexpr = (KW + BLOCK_W - 1) // BLOCK_W
+        EVEN: tl.constexpr = KW % BLOCK_W == 0
+        F16: tl.constexpr = x_ptr.dtype.element_ty == tl.float16
+        # The last program is moved back to end at row N (it recomputes rows of its neighbour and stores
+        # the same values), so that no row needs a mask.
+        r0 = tl.minimum(tl.program_id(0) * BLOCK_N, N - BLOCK_N)
         m = tl.program_id(1)
-        mask_n = rn < N
-        rh = tl.arange(0, HALF)
-        acc = tl.zeros([BLOCK_N, GROUPS, HALF], dtype=tl.float32)
-        for g0 in range(0, n_groups, GROUPS):
-            rg = g0 + tl.arange(0, GROUPS)
-            mask_g = rg < n_groups
-            xoff = m * stride_xm + rg[:, None] * GROUP + 2 * rh[None, :]
-            x_even = tl.load(x_ptr + xoff, mask=mask_g[:, None], other=0).to(tl.float32)
-            x_odd = tl.load(x_ptr + xoff + 1, mask=mask_g[:, None], other=0).to(tl.float32)
-            mask_ng = mask_n[:, None] & mask_g[None, :]
-            poff = rn[:, None, None] * (K // 2) + rg[None, :, None] * HALF + rh[None, None, :]
-            p = tl.load(p_ptr + poff, mask=mask_ng[:, :, None], other=0).to(tl.int32)
-            s = tl.load(s_ptr + rn[:, None] * n_groups + rg[None, :], mask=mask_ng, other=0.0)
-            u = p ^ 0x88  # each nibble + 8 (two's complement -> offset binary)
-            lo = _int_to_f32(u & 0xF) - 8388616.0  # 2**23 + 8
-            hi = _int_to_f32((u >> 4) & 0xF) - 8388616.0
-            acc += (lo * x_even[None, :, :] + hi * x_odd[None, :, :]) * s[:, :, None]
-        _epilogue(tl.sum(tl.sum(acc, axis=2), axis=1), rn, mask_n, y_ptr + m * stride_ym + rn, mask_n, None, b_ptr,
-                  1.0, CHANNEL_SCALE=False, A8=False, HAS_BIAS=HAS_BIAS)
+        zero = fmagic >> 31
+        rc = tl.arange(0, CH)
+        cw0 = rc[:, None] * VEC + tl.arange(0, VEC)[None, :]  # [CH, VEC] words of a K step
+        pw = p_ptr.to(tl.pointer_type(tl.int32)) + r0 * KW
+        sp = s_ptr + r0 * NG
+        xw_ptr = x_ptr.to(tl.pointer_type(tl.int32)) + m * (stride_xm // 2)
+        accs = ()
+        for r in tl.static_range(BLOCK_N):
+            accs = accs + (tl.zeros([CH], dtype=tl.float32),)
+        for b0 in tl.static_range(0, STEPS, BATCH):
+            # loads of steps b0 .. b0 + BATCH - 1: step i's row r at [i * BLOCK_N + r], pair j at [4 * i + j]
+            ws = ()
+            ss = ()
+            xws = ()
+            for st in tl.static_range(b0, b0 + BATCH):
+                if st < STEPS:
+                    cw = st * BLOCK_W + cw0
+                    gi = (st * BLOCK_W + rc * VEC) // (GROUP // 8)  # a thread's VEC words lie in one group
+                    for r in tl.static_range(BLOCK_N):
+                        if EVEN:
+                            ws = ws + (tl.load(pw + r * KW + cw),)
+                            ss = ss + (tl.load(sp + r * NG + gi),)
+                        else:  # masked words are 0 (nibbles of -8), but so are their activations and scales
+                            ws = ws + (tl.load(pw + r * KW + cw, mask=cw < KW, other=0),)
+                            ss = ss + (tl.load(sp + r * NG + gi, mask=gi < NG, other=0.0),)
+                    for j in tl.static_range(4):
+                        if EVEN:
+                            xws = xws + (tl.load(xw_ptr + cw * 4 + j),)
+                        else:
+                            xws = xws + (tl.load(xw_ptr + cw * 4 + j, mask=cw < KW, other=0),)
+            # ``magic`` is fmagic | 0, the 0 computed from every word and scale loaded above: as the
+            # unpacking below depends on it, ptxas has to issue all of these loads before it unpacks
+            # anything (otherwise it sinks each row's loads to just before that row's arithmetic, and
+            # their latencies add up instead of overlapping).
+            dep = zero
+            for i in tl.static_range(len(ss)):
+                dep = dep & tl.reduce(ws[i], 1, _and) & ss[i].to(tl.int32, bitcast=True)
+            for i in tl.static_range(len(xws)):
+                dep = dep & tl.reduce(xws[i], 1, _and)
+            magic = (dep | fmagic)[:, None]
+            for i in tl.static_range(len(xws) // 4):
+                xs = ()
+                for j in tl.static_range(4):
+                    lo, hi = _x_halves(xws[4 * i + j], F16)
+                    xs = xs + (lo, hi)
+                us = ()
+                for r in tl.static_range(BLOCK_N):
+                    us = us + (ws[i * BLOCK_N + r] ^ -0x77777778,)  # ^ 0x88888888: each nibble + 8
+                # nibble-major, so that the rows' independent FFMA chains interleave
+                parts = ()
+                for r in tl.static_range(BLOCK_N):
+                    parts = parts + (_w4_nibble(us[r], 0, magic) * xs[0],)
+                for n in tl.static_range(1, 8):
+                    nxt = ()
+                    for r in tl.static_range(BLOCK_N):
+                        nxt = nxt + (parts[r] + _w4_nibble(us[r], n, magic) * xs[n],)
+                    parts = nxt
+                nxt = ()
+                for r in tl.static_range(BLOCK_N):
+                    nxt = nxt + (accs[r] + tl.sum(parts[r], axis=1) * ss[i * BLOCK_N + r],)
+                accs = nxt
+        y = _w4_rows_sum(accs, BLOCK_N)
+        rows = r0 + tl.arange(0, BLOCK_N)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rows).to(tl.float32)
+        tl.store(y_ptr + m * stride_ym + rows, y.to(y_ptr.dtype.element_ty))
 
     @triton.jit
     def _add_rmsnorm_kernel(
@@ -350,10 +459,50 @@ _GEMV_TILE = 4096  # weight elements per program per K step (32 float32 accumula
 _GEMV_PROGRAMS = 528  # ~4 programs per SM on 132 SMs: enough weight loads in flight to stream HBM
 # The fewest output rows a GEMV program may own. Measured on an H100 (docs/benchmarks.md, decode of
 # Mamba-1 1.4B): W8 down to one row (x_proj's 160 outputs then run 160 programs instead of 40) makes
-# W8A16 decode 7% faster; W4 down to one row makes W4A16 18% slower (its programs are bound by
-# nibble unpacking and group scales, which more programs do not shorten), so W4 stays at 4.
+# W8A16 decode 7% faster.
 _W8_GEMV_MIN_BLOCK_N = 1
-_W4_GEMV_MIN_BLOCK_N = 4
+# W4 (``_w4_gemv_config``): rows per program halve from _W4_GEMV_MAX_BLOCK_N down to
+# _W4_GEMV_MIN_BLOCK_N until the grid has _W4_GEMV_WARPS warps (~4 per SM on 132 SMs). Measured on an
+# H100, on the previous W4 kernel (bytes unpacked in [rows, groups, group/2] tiles): its minimum going
+# from 4 rows to 1 made W4A16 decode 18% slower (1.4B), as each of its programs was bound by per-byte
+# unpacking that more programs did not shorten. The current kernel is expected (from its SASS, not
+# measured) to differ: its activation unpacking is shared by the rows of a program, so 8 rows amortize
+# it for large N, while a small layer (x_proj: 160 or 80 outputs) gets one row per program and so
+# spreads over more SMs, each with all of its loads issued at once.
+_W4_GEMV_MIN_BLOCK_N = 1
+_W4_GEMV_MAX_BLOCK_N = 8  # 1, 2, 4 or 8 (_w4_rows_sum)
+_W4_GEMV_WARPS = 528
+# Widest K step of the W4 kernel, in int32 words (8 weights each) per row: 4 warps x 4 words.
+_W4_GEMV_MAX_BLOCK_W = 512
+# Weight words per thread loaded before the W4 kernel waits for them (4 x 16-byte loads in flight per
+# row at 8 rows): successive K steps are batched up to this.
+_W4_GEMV_MAX_WORDS = 32
+# magic float 2**23 (see _w4_gemv_kernel)
+_W4_FMAGIC = 0x4B000000
+
+
+def _w4_gemv_config(n: int, k: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N rows per program, VEC words per thread, BLOCK_W words per K step, BATCH steps per wait,
+    num_warps) of the W4 GEMV for N outputs and K inputs.
+
+    The K step is the largest power of two dividing the row's K/8 words (up to _W4_GEMV_MAX_BLOCK_W), so
+    no word is masked; rows with an odd factor over 8 steps use masked steps of a power of two instead,
+    padding at most a third. 4 words (one 16-byte load) per thread and row where the step has 128 or
+    more, fewer below; 1-4 warps to cover the step. Rows per program as in the knobs above; steps are
+    batched until a thread holds _W4_GEMV_MAX_WORDS words."""
+    kw = k // 8
+    block_w = min(kw & -kw, _W4_GEMV_MAX_BLOCK_W)
+    if kw // block_w > 8:
+        block_w = min(1 << (kw - 1).bit_length(), _W4_GEMV_MAX_BLOCK_W)  # next power of two
+        while block_w > 32 and 3 * (-(-kw // block_w) * block_w) > 4 * kw:
+            block_w //= 2
+    vec = min(4, max(block_w // 32, 1))
+    warps = max(block_w // (32 * vec), 1)
+    block_n = _block_n(n, _W4_GEMV_MAX_BLOCK_N, _W4_GEMV_MIN_BLOCK_N, -(-_W4_GEMV_WARPS // warps))
+    while block_n > n:  # the last program is moved back to end at row N, so it must fit
+        block_n //= 2
+    batch = max(1, min(-(-kw // block_w), _W4_GEMV_MAX_WORDS // (block_n * vec)))
+    return block_n, vec, block_w, batch, warps
 
 
 def _gemv_setup(name: str, x: torch.Tensor, n: int, bias: torch.Tensor | None, out_dtype: torch.dtype,
@@ -431,10 +580,16 @@ def gemv_w4a16(
         raise ValueError(f"gemv_w4a16: group size {group} must be a power of two >= 32")
     _require_triton()
     if x.shape[0] <= _GEMV_MAX_M:
-        y, bn, grid = _gemv_setup("gemv_w4a16", x, n, bias, x.dtype, out, _W4_GEMV_MIN_BLOCK_N)
-        groups = min(max(_GEMV_TILE // (bn * group), 1), triton.next_power_of_2(k // group))
-        _w4_gemv_kernel[grid](x, packed, scale, bias, y, n, k, k // group, x.stride(0),
-                 y.stride(0), HAS_BIAS=bias is not None, GROUP=group, BLOCK_N=bn, GROUPS=groups, num_warps=4)
+        y = _output("gemv_w4a16", x, n, bias, x.dtype, out)
+        # the kernel reads x and the packed weights as int32 words
+        if (x.shape[0] > 1 and x.stride(0) % 2) or x.data_ptr() % 4:
+            x = x.contiguous() if not x.is_contiguous() else x.clone()
+        if packed.data_ptr() % 4:
+            packed = packed.clone()
+        bn, vec, bw, batch, warps = _w4_gemv_config(n, k)
+        _w4_gemv_kernel[(triton.cdiv(n, bn), x.shape[0])](
+            x, packed, scale, bias, y, n, x.stride(0), y.stride(0), _W4_FMAGIC, K=k, GROUP=group,
+            HAS_BIAS=bias is not None, BLOCK_N=bn, VEC=vec, BLOCK_W=bw, BATCH=batch, num_warps=warps)
         return y
     y, bm, bn, grid = _gemm_setup("gemv_w4a16", x, n, bias, x.dtype, out)
     _w4_kernel[grid](x, packed, scale, bias, y, x.shape[0], n, k, x.stride(0), y.stride(0),
