@@ -1,41 +1,128 @@
 // Hadamard transform y = scale * (had_m (x) H_{2^k}) x along the last axis, n = m * 2^k, with an
 // optional fused symmetric int8 quantization of the output.
 //
-// One block per row; the row lives in shared memory as float. Element i = a*2^k + b, so the
-// Sylvester factor acts along b independently for each a, and the base matrix acts along a for
-// each b. Sylvester stages are done up to 4 index bits at a time in registers (up to 16-point
-// transforms): the first pass (4 bits) straight from global memory, the others over shared memory
-// with one barrier per pass, the remaining bits shared out evenly over the fewest passes. The last pass multiplies by had_m (from shared memory, broadcast) and writes the output.
+// Element i = a*2^k + b of a row: the Sylvester factor acts along b for each a (a Walsh-Hadamard
+// transform over the k low index bits), the base matrix along a for each b. A block transforms a
+// tile of `rows` consecutive rows (one row for n >= 128 * E, more for small n so that a block has
+// >= 128 threads); "flat" below is the index within the tile, whose k low bits are b.
+//
+// Every butterfly runs in registers. A pass gives each thread items of E elements whose flat
+// indices differ exactly in log2(E) "register bits", does the butterflies of those bits that are
+// still to do, and hands the elements to the next pass through shared memory (f32, one float2
+// write and read per element pair and pass, one barrier: a pass writes back to the words it read).
+// The first pass loads from global memory: register bits 0-2 (runs of 8 consecutive elements,
+// 16-byte loads for f16) and e - 3 more, E = 2^e = 32 or 64. Later passes keep bit 0 and take up
+// to e - 1 new bits. 13 bits cost 5 + 4 + 4 with E = 32, 15 bits 6 + 5 + 4 with E = 64: two
+// shared-memory sweeps (the previous design, 4-bit register transforms, needed four).
+// For m = 1 the last pass stores pairs of consecutive outputs. For m > 1 a base-matrix pass
+// follows: each thread reads X[a, b] for all a and 1-4 values of b (the last 0-2 Sylvester bits,
+// done there), multiplies by had_m (rows read as 16-byte shared-memory broadcasts) and stores.
+// No warp shuffles: a shuffle butterfly moves 4 bytes per element and bit through the same
+// crossbar that a shared-memory sweep uses to move 8 bytes per element for 4-5 bits at once.
+#include <algorithm>
+
 #include "common.cuh"
 
 namespace essm {
 namespace {
 
 constexpr int kMaxN = 32768;
-constexpr int kRadixBits = 4;
-constexpr int kRadix = 1 << kRadixBits;
-// Threads per block (at most; one per 16-element group of a pass) and registers bounded so that
-// two blocks share an SM where shared memory allows: each block's passes are separated by
-// barriers, and a 512-thread block at 72 registers was alone on its SM (docs/benchmarks.md). The
-// base-matrix pass (m > 1) keeps a column of m values in registers, hence 256 threads there.
-template <int M>
-constexpr int max_threads() {
-  return M == 1 ? 512 : 256;
+constexpr int kMaxThreads = 512;
+constexpr int kMinThreads = 128;  // rows per block for small n: at least this many threads
+// Shared memory per block above which only one block fits on an SM (H100: 227 KiB per SM).
+constexpr size_t kTwoBlockSmem = 113 * 1024;
+constexpr int kRegistersPerSm = 65536;  // H100 and Orin
+
+// Register bits of a pass. First pass: flat bits [0, 3) and [hi, hi + bits), bits = e - 3. Later
+// passes: flat bit 0 and [hi, hi + bits), items of E = 2^(bits + 1) elements; they do exactly the
+// butterflies of [hi, hi + bits) (bit 0 was done in the first pass), so that their code is
+// straight-line for a compile-time E (with a runtime bit test, the compiler merges each stage's
+// results back with moves), and a pass with fewer bits runs more, smaller items per thread.
+// bytes[j]: shared-memory byte offset of register pair (2j, 2j + 1) from the item's (swizzled),
+// computed on the host, so that an address is one XOR with a constant-bank operand.
+struct HadPass {
+  int hi;
+  int bits;
+  int bytes[32];
+};
+
+// first loads from global memory (and stores the output when it is the only pass: m = 1, n <= E);
+// mid is an optional shared-memory pass; last (m = 1) stores the output. m > 1 ends with the
+// base-matrix pass instead of `last`.
+struct HadPlan {
+  int e;         // log2 of the elements per item in the first pass
+  int rows;      // rows per block, a power of two
+  int threads;   // per block; each loops over the items of a pass
+  int npass;     // Sylvester passes
+  int final_lo;  // m > 1: the base-matrix pass does the b bits [final_lo, k) in registers
+  HadPass first, mid, last;
+};
+
+constexpr int log2_of(int v) { return v <= 1 ? 0 : 1 + log2_of(v / 2); }
+
+// log2 of the most b values per thread in the base-matrix pass (its registers hold m of each):
+// at most 48, 40, 56 and 40 values for m = 12, 20, 28, 40.
+__host__ __device__ constexpr int final_bits(int m) { return m == 12 ? 2 : m == 40 ? 0 : 1; }
+
+// Shared-memory word of flat index f. A float2 access is conflict-free when the flat bits that the
+// 16 lanes of each half-warp vary map to independent bank bits 1-4: flat bits 1-4 map to
+// themselves, and the swizzle XORs bits 5-8 onto bits 1-4 and bit 9 onto bits 1 and 3. The lanes
+// of the passes here vary flat bits {3,4,5,6} (first of three passes), {5,6,7,8} or {6,7,8,9}
+// (other first passes), {1,2,7,8} or {1,2,8,9} (middle pass) or {1,2,3,4}; each set comes out
+// independent, as do bits 0-4 for the base-matrix pass's 4-byte reads. Bits >= 5 are unchanged, so
+// the tile (a multiple of 32 words) maps onto itself, and the swizzle is linear over XOR: a
+// register's word is the item's word XOR the register offset's.
+__host__ __device__ constexpr int swizzle(int f) {
+  return f ^ (((f >> 5) & 15) << 1) ^ (((f >> 9) & 1) * 0xA);
 }
 
-// In-place Walsh-Hadamard transform of the first `e` (power of two <= 16) entries of v.
-__device__ __forceinline__ void wht_registers(float (&v)[kRadix], int e) {
+// Flat index of register 0 of item w: w's bits fill, lowest first, the flat bits outside the
+// register bits [0, lo) and [hi, hi + bits). The lowest five are the lanes of a warp.
+__device__ __forceinline__ int item_base(int w, int lo, int hi, int bits) {
+  const int u = w << lo;
+  return (u & ((1 << hi) - 1)) | ((u >> hi) << (hi + bits));
+}
+
+// Register pair j of the item whose register 0 is at flat index base.
+__device__ __forceinline__ float2* pair_at(float* s, int base, const HadPass& p, int j) {
+  return reinterpret_cast<float2*>(reinterpret_cast<char*>(s) + ((swizzle(base) * 4) ^ p.bytes[j]));
+}
+
+template <int E>
+__device__ __forceinline__ void write_item(float* s, const HadPass& p, int base,
+                                           const float (&v)[E]) {
 #pragma unroll
-  for (int hs = 1; hs < kRadix; hs <<= 1) {
-    if (hs >= e) break;
+  for (int j = 0; j < E / 2; ++j) *pair_at(s, base, p, j) = make_float2(v[2 * j], v[2 * j + 1]);
+}
+
+// Butterfly u + w, u - w between registers r and r + h for every r without bit h.
+template <int E>
+__device__ __forceinline__ void butterfly(float (&v)[E], int h) {
 #pragma unroll
-    for (int j = 0; j < kRadix; ++j) {
-      if ((j & hs) == 0) {
-        const float u = v[j], w = v[j + hs];
-        v[j] = u + w;
-        v[j + hs] = u - w;
-      }
+  for (int r = 0; r < E; ++r) {
+    if ((r & h) == 0) {
+      const float u = v[r], w = v[r + h];
+      v[r] = u + w;
+      v[r + h] = u - w;
     }
+  }
+}
+
+// Butterflies over the register bits [FROM, TO) (in any order: they commute).
+template <int FROM, int TO, int E>
+__device__ __forceinline__ void butterflies(float (&v)[E]) {
+#pragma unroll
+  for (int h = 1 << FROM; h < (1 << TO); h <<= 1) butterfly(v, h);
+}
+
+// Calls f(std::integral_constant<int, b>{}) for the runtime value LO <= b <= HI.
+template <int LO, int HI, typename F>
+__device__ __forceinline__ void with_constant(int b, F&& f) {
+  if constexpr (LO <= HI) {
+    if (b == LO)
+      f(std::integral_constant<int, LO>{});
+    else
+      with_constant<LO + 1, HI>(b, f);
   }
 }
 
@@ -48,96 +135,237 @@ __device__ __forceinline__ float finish_value(float acc, float scale, float out_
   return v;
 }
 
-template <typename Tin, typename Tout, int M>
-__global__ void __launch_bounds__(max_threads<M>(), 2) hadamard_kernel(const Tin* __restrict__ x, const float* __restrict__ had_m,
-                                int logk, float scale, float out_scale, Tout* __restrict__ y,
-                                int n) {
-  constexpr int m = M;
-  extern __shared__ __align__(16) float s[];
-  float* hm = s + n;
-  const int64_t row = blockIdx.x;
-  const Tin* xr = x + row * n;
-  Tout* yr = y + row * n;
-  const int K = 1 << logk;
-  const int nthreads = blockDim.x;
+// Global-memory side of a pass: RUNS runs of N consecutive elements, run c at flat
+// base + (c << hi), registers N*c + j. When the whole item exists and the pointer is aligned, the
+// runs move as wide words with no per-run check, so that all of an item's loads are issued before
+// the first use; otherwise (partial last tile, unaligned rows) load_run / store_run check each run.
+template <typename T, int N>
+using RunWord = VecWord<static_cast<int>(sizeof(T)) * N>;
 
-  for (int i = threadIdx.x; i < m * m; i += nthreads) hm[i] = M > 1 ? had_m[i] : 1.f;
+template <typename T, int N, int RUNS>
+__device__ __forceinline__ bool whole_item(const T* p, int base, int hi, int valid) {
+  return reinterpret_cast<uintptr_t>(p) % sizeof(RunWord<T, N>) == 0 &&
+         base + ((RUNS - 1) << hi) + N <= valid;
+}
 
-  // pass 0: groups of e0 consecutive elements (low index bits), loaded from global memory
-  const int bits0 = min(kRadixBits, logk);
-  const int e0 = 1 << bits0;
-  for (int g = threadIdx.x; g < n / e0; g += nthreads) {
-    float v[kRadix];
-    load_run<Tin, kRadix>(xr + static_cast<int64_t>(g) * e0, e0, 1.f, v);
-    wht_registers(v, e0);
-    if (e0 == kRadix) {  // 16-byte stores: 4-way instead of 16-way bank conflicts
-      float4* s4 = reinterpret_cast<float4*>(s + g * kRadix);
+template <typename Tin, int N, int RUNS>
+__device__ __forceinline__ void load_item(const Tin* __restrict__ x, int base, int hi, int valid,
+                                          float (&v)[N * RUNS]) {
+  using W = RunWord<Tin, N>;
+  constexpr int kWords = static_cast<int>(sizeof(Tin)) * N / static_cast<int>(sizeof(W));
+  Tin e[RUNS][N];
+  if (whole_item<Tin, N, RUNS>(x, base, hi, valid)) {
 #pragma unroll
-      for (int q = 0; q < kRadix / 4; ++q)
-        s4[q] = make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
-    } else {
+    for (int c = 0; c < RUNS; ++c) {
+      W w[kWords];
 #pragma unroll
-      for (int j = 0; j < kRadix; ++j)
-        if (j < e0) s[g * e0 + j] = v[j];
-    }
-  }
-  __syncthreads();
-
-  // later passes: bits [lo, lo+bits) of b; a group fixes every other bit (and a)
-  // The remaining bits are shared out evenly over the fewest passes (13 bits: 4 + 3 + 3 + 3, not
-  // 4 + 4 + 4 + 1, whose last pass would be a whole sweep for one butterfly per element pair).
-  for (int lo = bits0, bits = 0; lo < logk; lo += bits) {
-    const int passes = (logk - lo + kRadixBits - 1) / kRadixBits;
-    bits = (logk - lo + passes - 1) / passes;
-    const int e = 1 << bits;
-    for (int g = threadIdx.x; g < n / e; g += nthreads) {
-      const int a = g / (K >> bits);
-      const int rest = g % (K >> bits);
-      const int low = rest & ((1 << lo) - 1);
-      const int high = rest >> lo;
-      const int base = a * K + (high << (lo + bits)) + low;
-      float v[kRadix];
-#pragma unroll
-      for (int j = 0; j < kRadix; ++j) v[j] = j < e ? s[base + (j << lo)] : 0.f;
-      wht_registers(v, e);
-#pragma unroll
-      for (int j = 0; j < kRadix; ++j)
-        if (j < e) s[base + (j << lo)] = v[j];
-    }
-    __syncthreads();
-  }
-
-  // base-matrix pass + output: y[a'*K + b] = scale * sum_a had_m[a', a] * X[a, b]
-  if constexpr (M == 1) {
-    // 8 consecutive outputs per thread: two 16-byte shared loads and one wide global store
-    for (int b0 = threadIdx.x * 8; b0 < K; b0 += nthreads * 8) {
-      float v[8];
-#pragma unroll
-      for (int j = 0; j < 8; ++j) v[j] = b0 + j < K ? finish_value<Tout>(s[b0 + j], scale, out_scale) : 0.f;
-      store_run<Tout, 8>(yr + b0, K - b0, v);
+      for (int k = 0; k < kWords; ++k)
+        w[k] = __ldg(reinterpret_cast<const W*>(x + base + (c << hi)) + k);
+      memcpy(e[c], w, sizeof(w));
     }
   } else {
-    for (int bcol = threadIdx.x; bcol < K; bcol += nthreads) {
-      float xa[M];
 #pragma unroll
-      for (int a = 0; a < M; ++a) xa[a] = s[a * K + bcol];
+    for (int c = 0; c < RUNS; ++c)
+      fetch_run<Tin, N>(x + base + (c << hi), valid - base - (c << hi), e[c]);
+  }
+#pragma unroll
+  for (int c = 0; c < RUNS; ++c)
+#pragma unroll
+    for (int j = 0; j < N; ++j) v[N * c + j] = to_float(e[c][j]);
+}
+
+template <typename Tout, int N, int RUNS>
+__device__ __forceinline__ void store_item(Tout* __restrict__ y, int base, int hi, int valid,
+                                           const float (&v)[N * RUNS], float scale,
+                                           float out_scale) {
+  using W = RunWord<Tout, N>;
+  constexpr int kWords = static_cast<int>(sizeof(Tout)) * N / static_cast<int>(sizeof(W));
+  float t[RUNS][N];
+#pragma unroll
+  for (int c = 0; c < RUNS; ++c)
+#pragma unroll
+    for (int j = 0; j < N; ++j) t[c][j] = finish_value<Tout>(v[N * c + j], scale, out_scale);
+  if (whole_item<Tout, N, RUNS>(y, base, hi, valid)) {
+#pragma unroll
+    for (int c = 0; c < RUNS; ++c) {
+      Tout e[N];
+#pragma unroll
+      for (int j = 0; j < N; ++j) e[j] = from_float<Tout>(t[c][j]);
+      W w[kWords];
+      memcpy(w, e, sizeof(w));
+#pragma unroll
+      for (int k = 0; k < kWords; ++k) reinterpret_cast<W*>(y + base + (c << hi))[k] = w[k];
+    }
+  } else {
+#pragma unroll
+    for (int c = 0; c < RUNS; ++c)
+      store_run<Tout, N>(y + base + (c << hi), valid - base - (c << hi), t[c]);
+  }
+}
+
+// First pass: register 8c + j holds flat base + (c << hi) + j. Loads (zeros past the `valid`
+// elements of a partial last tile), does the butterflies of the register bits below k (all of
+// them unless the rows are shorter than E), then shared memory, or the output when this is the
+// only pass (TO_OUTPUT: m = 1, n <= E).
+template <typename Tin, typename Tout, int E, bool TO_OUTPUT>
+__device__ __forceinline__ void first_pass(const Tin* __restrict__ x, Tout* __restrict__ y,
+                                           float* s, const HadPass& p, int logk, int tile,
+                                           int valid, float scale, float out_scale) {
+  for (int w = threadIdx.x; w < tile / E; w += blockDim.x) {
+    const int base = item_base(w, 3, p.hi, p.bits);
+    float v[E];
+    load_item<Tin, 8, E / 8>(x, base, p.hi, valid, v);
+    with_constant<0, log2_of(E)>(min(logk, log2_of(E)),
+                                 [&](auto bits) { butterflies<0, bits()>(v); });
+    if constexpr (TO_OUTPUT) {
+      store_item<Tout, 8, E / 8>(y, base, p.hi, valid, v, scale, out_scale);
+    } else {
+      write_item(s, p, base, v);
+    }
+  }
+}
+
+// Registers 2j, 2j + 1 of a later pass's item hold flat base + (j << hi) + {0, 1}: reads them from
+// shared memory and does the pass's butterflies. Returns the item's flat base.
+template <int E>
+__device__ __forceinline__ int read_item(float* s, const HadPass& p, int w, float (&v)[E]) {
+  const int base = item_base(w, 1, p.hi, p.bits);
+#pragma unroll
+  for (int j = 0; j < E / 2; ++j) {
+    const float2 t = *pair_at(s, base, p, j);
+    v[2 * j] = t.x;
+    v[2 * j + 1] = t.y;
+  }
+  butterflies<1, log2_of(E)>(v);
+  return base;
+}
+
+// Middle pass: back to the words it read, so that the next pass needs only one barrier.
+template <int E>
+__device__ __forceinline__ void middle_pass(float* s, const HadPass& p, int tile) {
+  for (int w = threadIdx.x; w < tile / E; w += blockDim.x) {
+    float v[E];
+    const int base = read_item(s, p, w, v);
+    write_item(s, p, base, v);
+  }
+}
+
+// Last pass of m = 1: stores the output pairs.
+template <typename Tout, int E>
+__device__ __forceinline__ void output_pass(float* s, Tout* __restrict__ y, const HadPass& p,
+                                            int tile, int valid, float scale, float out_scale) {
+  for (int w = threadIdx.x; w < tile / E; w += blockDim.x) {
+    float v[E];
+    const int base = read_item(s, p, w, v);
+    store_item<Tout, 2, E / 2>(y, base, p.hi, valid, v, scale, out_scale);
+  }
+}
+
+// Base-matrix pass (m > 1): item (row r, b with bits [fl, k) clear) holds X[a, b + (j << fl)] for
+// every a and j < J = 2^(k - fl), does the Sylvester bits [fl, k), then
+// y[a', .] = sum_a had_m[a', a] X[a, .]. A warp's lanes take consecutive b: conflict-free shared
+// reads, contiguous stores.
+template <typename Tout, int M, int J>
+__device__ __forceinline__ void base_matrix_pass(const float* s, const float* hm,
+                                                 Tout* __restrict__ y, int logk, int fl, int nrows,
+                                                 float scale, float out_scale) {
+  for (int w = threadIdx.x; w < (nrows << fl); w += blockDim.x) {
+    const int r = w >> fl;
+    const int b = w & ((1 << fl) - 1);
+    float v[M][J];
+#pragma unroll
+    for (int a = 0; a < M; ++a) {
+      const int sa = swizzle((r * M + a) << logk);
+#pragma unroll
+      for (int j = 0; j < J; ++j) v[a][j] = s[sa ^ swizzle(b + (j << fl))];
+    }
+#pragma unroll
+    for (int a = 0; a < M; ++a) butterflies<0, log2_of(J)>(v[a]);
+    // A rows of had_m at a time: A * J >= 2 independent FMA chains
+    constexpr int A = J >= 2 ? 1 : 2;
 #pragma unroll 1
-      for (int ao = 0; ao < M; ++ao) {
-        // row ao of had_m as 16-byte broadcasts (M is a multiple of 4; hm starts 16-byte aligned)
-        const float4* hrow = reinterpret_cast<const float4*>(hm + ao * M);
-        float acc = 0.f;
+    for (int a0 = 0; a0 < M; a0 += A) {
+      float acc[A][J];
 #pragma unroll
-        for (int a4 = 0; a4 < M / 4; ++a4) {
-          const float4 hv = hrow[a4];
-          acc = fmaf(hv.x, xa[4 * a4], acc);
-          acc = fmaf(hv.y, xa[4 * a4 + 1], acc);
-          acc = fmaf(hv.z, xa[4 * a4 + 2], acc);
-          acc = fmaf(hv.w, xa[4 * a4 + 3], acc);
+      for (int i = 0; i < A; ++i)
+#pragma unroll
+        for (int j = 0; j < J; ++j) acc[i][j] = 0.f;
+#pragma unroll
+      for (int a4 = 0; a4 < M / 4; ++a4) {
+#pragma unroll
+        for (int i = 0; i < A; ++i) {
+          // had_m rows as 16-byte broadcasts (M is a multiple of 4; hm starts 16-byte aligned)
+          const float4 h = reinterpret_cast<const float4*>(hm + (a0 + i) * M)[a4];
+#pragma unroll
+          for (int j = 0; j < J; ++j) {
+            acc[i][j] = fmaf(h.x, v[4 * a4][j], acc[i][j]);
+            acc[i][j] = fmaf(h.y, v[4 * a4 + 1][j], acc[i][j]);
+            acc[i][j] = fmaf(h.z, v[4 * a4 + 2][j], acc[i][j]);
+            acc[i][j] = fmaf(h.w, v[4 * a4 + 3][j], acc[i][j]);
+          }
         }
-        yr[ao * K + bcol] = from_float<Tout>(finish_value<Tout>(acc, scale, out_scale));
+      }
+#pragma unroll
+      for (int i = 0; i < A; ++i) {
+        Tout* yr = y + ((r * M + a0 + i) << logk) + b;
+#pragma unroll
+        for (int j = 0; j < J; ++j)
+          yr[j << fl] = from_float<Tout>(finish_value<Tout>(acc[i][j], scale, out_scale));
       }
     }
   }
+}
+
+// Register cap per thread: the fewest without spills for every dtype pair (ptxas -v). The
+// base-matrix pass of m = 12 and 28 holds 48 and 56 values; E = 64 holds 64 plus butterfly
+// temporaries.
+__host__ __device__ constexpr int max_registers(int m, int e) {
+  return e == 6 ? 120 : (m == 12 || m == 28) ? 80 : 72;
+}
+
+template <typename Tin, typename Tout, int M, int E>
+__global__ void __launch_bounds__(kMaxThreads) __maxnreg__(max_registers(M, log2_of(E)))
+    hadamard_kernel(const Tin* __restrict__ x, const float* __restrict__ had_m, HadPlan plan,
+                    int logk, float scale, float out_scale, Tout* __restrict__ y, int64_t rows) {
+  extern __shared__ __align__(16) float s[];
+  const int n = M << logk;
+  const int tile = plan.rows * n;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * plan.rows;
+  const int nrows = static_cast<int>(min(static_cast<int64_t>(plan.rows), rows - row0));
+  const int valid = nrows * n;
+  x += row0 * n;
+  y += row0 * n;
+
+  if (M == 1 && plan.npass == 1) {
+    first_pass<Tin, Tout, E, true>(x, y, s, plan.first, logk, tile, valid, scale, out_scale);
+    return;
+  }
+  first_pass<Tin, Tout, E, false>(x, y, s, plan.first, logk, tile, valid, scale, out_scale);
+  float* hm = s + tile;
+  if (M > 1)
+    for (int i = threadIdx.x; i < M * M; i += blockDim.x) hm[i] = had_m[i];
+  __syncthreads();
+  if (plan.npass == (M == 1 ? 3 : 2)) {
+    with_constant<1, log2_of(E) - 1>(plan.mid.bits, [&](auto bits) {
+      middle_pass<2 << bits()>(s, plan.mid, tile);
+    });
+    __syncthreads();
+  }
+  if constexpr (M == 1) {
+    with_constant<1, log2_of(E) - 1>(plan.last.bits, [&](auto bits) {
+      output_pass<Tout, 2 << bits()>(s, y, plan.last, tile, valid, scale, out_scale);
+    });
+  } else {
+    with_constant<0, final_bits(M)>(logk - plan.final_lo, [&](auto bits) {
+      base_matrix_pass<Tout, M, 1 << bits()>(s, hm, y, logk, plan.final_lo, nrows, scale,
+                                             out_scale);
+    });
+  }
+}
+
+// Shared memory of a block: the tile (f32) and had_m.
+size_t smem_bytes(int m, int tile) {
+  return sizeof(float) * (static_cast<size_t>(tile) + (m > 1 ? m * m : 0));
 }
 
 bool hadamard_shape(int m, int n, int* logk) {
@@ -151,11 +379,88 @@ bool hadamard_shape(int m, int n, int* logk) {
   return true;
 }
 
-template <typename Tin, typename Tout, int M>
-cudaError_t launch_hadamard_m(const void* x, const float* had_m, int logk, float scale,
-                              float out_scale, void* y, int64_t rows, int n, cudaStream_t stream) {
-  const size_t smem = sizeof(float) * (static_cast<size_t>(n) + static_cast<size_t>(M) * M);
-  auto kernel = hadamard_kernel<Tin, Tout, M>;
+// A pass whose lo low register bits are flat bits [0, lo) and the other `bits` flat bits
+// [hi, hi + bits).
+HadPass make_pass(int lo, int hi, int bits) {
+  HadPass p{};
+  p.hi = hi;
+  p.bits = bits;
+  for (int j = 0; j < (1 << (lo + bits - 1)); ++j) {
+    const int r = 2 * j;
+    p.bytes[j] = swizzle((r & ((1 << lo) - 1)) | ((r >> lo) << hi)) * 4;
+  }
+  return p;
+}
+
+// The passes with 2^e elements per first-pass item; false where that needs more passes than the
+// plan holds.
+bool plan_passes(int m, int logk, int e, HadPlan* plan) {
+  const int n = m << logk;
+  HadPlan p{};
+  p.e = e;
+  p.rows = 1;
+  while ((p.rows * n >> e) < kMinThreads) p.rows <<= 1;
+  // One thread per first-pass item, or half, a quarter (the threads loop over the items): at most
+  // kMaxThreads, and where the shared memory of two blocks fits on an SM, at most half an SM's
+  // registers, so that two blocks do fit (m = 40, n = 20480: 320 threads, two items each).
+  const size_t smem = smem_bytes(m, p.rows * n);
+  p.threads = p.rows * n >> e;
+  while (p.threads > kMaxThreads ||
+         (smem <= kTwoBlockSmem && 2 * p.threads * max_registers(m, e) > kRegistersPerSm))
+    p.threads /= 2;
+  // The first pass takes flat bits [0, 3) and [hi, hi + e - 3). Where three passes are needed
+  // (m = 1, k > 2e - 1), the top bits of b: a warp's loads are then 512 contiguous bytes for f16,
+  // and the middle pass takes bits [3, e + 2). Otherwise bits [3, e), which leaves the top bits of
+  // b to the last pass, whose warps then store contiguous runs (and whose lanes then vary flat
+  // bits {1,2,3,4}: no bank conflicts).
+  const int hi0 = m == 1 && logk > 2 * e - 1 ? logk - (e - 3) : 3;
+  p.first = make_pass(3, hi0, e - 3);
+  // Bits still to do: [lo, todo). Later passes take them in order, e - 1 at a time, except the
+  // top final_bits, which the base-matrix pass does.
+  int lo = hi0 == 3 ? e : 3;
+  const int todo = hi0 == 3 ? logk : hi0;
+  const int end = todo - (m == 1 ? 0 : std::min(final_bits(m), std::max(0, todo - lo)));
+  HadPass later[2];
+  int nlater = 0;
+  for (; lo < end; ++nlater) {
+    if (nlater == 2 || (m > 1 && nlater == 1)) return false;
+    const int take = std::min(e - 1, end - lo);
+    later[nlater] = make_pass(1, lo, take);
+    lo += take;
+  }
+  p.npass = 1 + nlater;
+  p.final_lo = std::min(lo, logk);
+  if (m == 1 && nlater == 2) p.mid = later[0];
+  if (m > 1 && nlater == 1) p.mid = later[0];
+  if (m == 1 && nlater > 0) p.last = later[nlater - 1];
+  *plan = p;
+  return true;
+}
+
+// Shared-memory sweeps (and barriers) of a plan.
+int sweeps(const HadPlan& p, int m) { return p.npass - 1 + (m > 1 ? 1 : 0); }
+
+// The plan with the fewest sweeps; on a tie E = 32 (fewer registers, more threads).
+HadPlan make_plan(int m, int logk) {
+  HadPlan best{};
+  bool found = false;
+  for (int e = 5; e <= 6; ++e) {
+    HadPlan p{};
+    if (plan_passes(m, logk, e, &p) && (!found || sweeps(p, m) < sweeps(best, m))) {
+      best = p;
+      found = true;
+    }
+  }
+  return best;
+}
+
+template <typename Tin, typename Tout, int M, int E>
+cudaError_t launch_plan(const void* x, const float* had_m, const HadPlan& plan, int logk,
+                        float scale, float out_scale, void* y, int64_t rows, cudaStream_t stream) {
+  const int tile = plan.rows * (M << logk);
+  const bool single = M == 1 && plan.npass == 1;
+  const size_t smem = single ? 0 : smem_bytes(M, tile);
+  auto kernel = hadamard_kernel<Tin, Tout, M, E>;
   if (smem > 48 * 1024) {
     int dev = 0, optin = 0;
     cudaError_t err = cudaGetDevice(&dev);
@@ -167,23 +472,30 @@ cudaError_t launch_hadamard_m(const void* x, const float* had_m, int logk, float
                                static_cast<int>(smem));
     if (err != cudaSuccess) return err;
   }
-  // one thread per 16-element group of the widest pass, 32..max_threads<M>() threads
-  int threads = 32;
-  while (threads < max_threads<M>() && threads * kRadix < n) threads <<= 1;
-  kernel<<<static_cast<unsigned>(rows), threads, smem, stream>>>(
-      static_cast<const Tin*>(x), had_m, logk, scale, out_scale, static_cast<Tout*>(y), n);
+  const int64_t blocks = (rows + plan.rows - 1) / plan.rows;
+  kernel<<<static_cast<unsigned>(blocks), plan.threads, smem, stream>>>(
+      static_cast<const Tin*>(x), had_m, plan, logk, scale, out_scale, static_cast<Tout*>(y), rows);
   return launch_status();
+}
+
+template <typename Tin, typename Tout, int M>
+cudaError_t launch_hadamard_m(const void* x, const float* had_m, int logk, float scale,
+                              float out_scale, void* y, int64_t rows, cudaStream_t stream) {
+  const HadPlan plan = make_plan(M, logk);
+  if (plan.e == 5)
+    return launch_plan<Tin, Tout, M, 32>(x, had_m, plan, logk, scale, out_scale, y, rows, stream);
+  return launch_plan<Tin, Tout, M, 64>(x, had_m, plan, logk, scale, out_scale, y, rows, stream);
 }
 
 template <typename Tin, typename Tout>
 cudaError_t launch_hadamard(const void* x, const float* had_m, int m, int logk, float scale,
-                            float out_scale, void* y, int64_t rows, int n, cudaStream_t stream) {
+                            float out_scale, void* y, int64_t rows, cudaStream_t stream) {
   switch (m) {
-    case 1: return launch_hadamard_m<Tin, Tout, 1>(x, had_m, logk, scale, out_scale, y, rows, n, stream);
-    case 12: return launch_hadamard_m<Tin, Tout, 12>(x, had_m, logk, scale, out_scale, y, rows, n, stream);
-    case 20: return launch_hadamard_m<Tin, Tout, 20>(x, had_m, logk, scale, out_scale, y, rows, n, stream);
-    case 28: return launch_hadamard_m<Tin, Tout, 28>(x, had_m, logk, scale, out_scale, y, rows, n, stream);
-    case 40: return launch_hadamard_m<Tin, Tout, 40>(x, had_m, logk, scale, out_scale, y, rows, n, stream);
+    case 1: return launch_hadamard_m<Tin, Tout, 1>(x, had_m, logk, scale, out_scale, y, rows, stream);
+    case 12: return launch_hadamard_m<Tin, Tout, 12>(x, had_m, logk, scale, out_scale, y, rows, stream);
+    case 20: return launch_hadamard_m<Tin, Tout, 20>(x, had_m, logk, scale, out_scale, y, rows, stream);
+    case 28: return launch_hadamard_m<Tin, Tout, 28>(x, had_m, logk, scale, out_scale, y, rows, stream);
+    case 40: return launch_hadamard_m<Tin, Tout, 40>(x, had_m, logk, scale, out_scale, y, rows, stream);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -204,8 +516,8 @@ extern "C" cudaError_t essm_hadamard_transform(essm_dtype in_dtype, essm_dtype o
   return dispatch_float(in_dtype, [&](auto ti) {
     using Tin = decltype(ti);
     if (out_dtype == ESSM_I8)
-      return launch_hadamard<Tin, int8_t>(x, had_m, m, logk, scale, out_scale, y, rows, n, stream);
+      return launch_hadamard<Tin, int8_t>(x, had_m, m, logk, scale, out_scale, y, rows, stream);
     if (out_dtype != in_dtype) return cudaErrorInvalidValue;
-    return launch_hadamard<Tin, Tin>(x, had_m, m, logk, scale, out_scale, y, rows, n, stream);
+    return launch_hadamard<Tin, Tin>(x, had_m, m, logk, scale, out_scale, y, rows, stream);
   });
 }
