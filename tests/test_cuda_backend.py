@@ -347,22 +347,29 @@ def _interpreter_runs_scalar_loops() -> bool:
     return triton_v >= (3, 8) or numpy_v < (2, 4)
 
 
+def _in_interpreter(code: str, timeout_s: int) -> list:
+    """Runs `code` in a fresh Python with TRITON_INTERPRET=1 (which takes effect when the kernels are
+    defined) from the repository root; returns the JSON its last output line prints."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=timeout_s)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 @needs_triton
 @pytest.mark.skipif(Q.triton is not None and not _interpreter_runs_scalar_loops(),
                     reason="Triton < 3.8's interpreter needs NumPy < 2.4")
 def test_triton_gemv_in_interpreter() -> None:
     """Every GEMV/GEMM kernel on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1, which takes
     effect when the kernels are defined, hence a fresh process) vs float64."""
-    code = ("import json, torch; from tests.test_cuda_backend import _gemv_rel_err, GEMV_MODES, INTERPRETER_SHAPES;"
-            "torch.manual_seed(0);"
-            "print(json.dumps([[mode, s, _gemv_rel_err(mode, s, 'cpu')] for mode in GEMV_MODES"
-            " for s in INTERPRETER_SHAPES]))")
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    errs = json.loads(proc.stdout.strip().splitlines()[-1])
+    errs = _in_interpreter(
+        "import json, torch; from tests.test_cuda_backend import _gemv_rel_err, GEMV_MODES, INTERPRETER_SHAPES;"
+        "torch.manual_seed(0);"
+        "print(json.dumps([[mode, s, _gemv_rel_err(mode, s, 'cpu')] for mode in GEMV_MODES"
+        " for s in INTERPRETER_SHAPES]))", timeout_s=600)
     assert len(errs) == len(GEMV_MODES) * len(INTERPRETER_SHAPES)
     assert all(err < GEMV_BOUND for _, _, err in errs), errs
 
@@ -422,15 +429,10 @@ def test_w4_gemv_vs_float64(case: tuple) -> None:
                     reason="Triton < 3.8's interpreter needs NumPy < 2.4")
 def test_w4_gemv_in_interpreter() -> None:
     """The W4 GEMV over W4_CASES in Triton's interpreter vs float64, with up to 8 rows per program."""
-    code = ("import json, torch; from tests.test_cuda_backend import _w4_rel_err, W4_CASES, Q;"
-            "Q._W4_GEMV_WARPS = 1;"
-            "print(json.dumps([[c, _w4_rel_err(c, 'cpu')] for c in W4_CASES]))")
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    errs = json.loads(proc.stdout.strip().splitlines()[-1])
+    errs = _in_interpreter(
+        "import json, torch; from tests.test_cuda_backend import _w4_rel_err, W4_CASES, Q;"
+        "Q._W4_GEMV_WARPS = 1;"
+        "print(json.dumps([[c, _w4_rel_err(c, 'cpu')] for c in W4_CASES]))", timeout_s=900)
     assert len(errs) == len(W4_CASES)
     assert all(err < W4_BOUND[case[4]] for case, err in errs), errs
 
