@@ -1,7 +1,9 @@
 // Mamba-2 SSD scan (prefill) and state update (decode), token-major layout, float and int8 x/B/C.
 //
 // Prefill has three forms (see docs/kernels.md):
-// - chunked with register-resident phases (16-bit outputs, dstate <= 128): ssd_mma_kernel below.
+// - chunked with register-resident phases (16-bit outputs, dstate <= 128): ssd_mma_kernel below;
+//   where a small batch leaves the GPU idle, each sequence is split over several blocks through a
+//   workspace (SegSplit).
 // - chunked, on tensor cores through WMMA (16-bit outputs, dstate > 128; forced variants for the
 //   harness and benchmarks): each block walks the sequence of one (batch, head,
 //   32-column headdim tile) in chunks of 64 tokens, keeping the chunk-start state in shared memory.
