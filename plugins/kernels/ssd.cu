@@ -1280,15 +1280,19 @@ cudaError_t blocks_per_sm(K* kernel, int threads, size_t smem, int* per_sm) {
   return err == cudaSuccess ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(per_sm, kernel, threads, smem) : err;
 }
 
-// Warps resident on the busiest SM for a launch of `blocks` blocks of `warps_per_block` warps.
+// Warps resident on the busiest SM for a launch of `blocks` blocks of `warps_per_block` warps, of
+// which `per_sm` blocks fit on an SM.
+int64_t busiest_sm_warps(int per_sm, int warps_per_block, int64_t blocks, int sms) {
+  return std::min<int64_t>((blocks + sms - 1) / sms, per_sm) * warps_per_block;
+}
+
+// The same, with `per_sm` asked of the occupancy API for `kernel`.
 template <typename K>
 cudaError_t resident_warps(K* kernel, int warps_per_block, size_t smem, int64_t blocks, int sms, int64_t* warps) {
   int per_sm = 0;
   const cudaError_t err = blocks_per_sm(kernel, 32 * warps_per_block, smem, &per_sm);
-  if (err != cudaSuccess) return err;
-  const int64_t share = (blocks + sms - 1) / sms;
-  *warps = (share < per_sm ? share : per_sm) * warps_per_block;
-  return cudaSuccess;
+  if (err == cudaSuccess) *warps = busiest_sm_warps(per_sm, warps_per_block, blocks, sms);
+  return err;
 }
 
 // Launches the chunked kernel with kWarps warps per block.
@@ -1409,11 +1413,10 @@ cudaError_t launch_ssd_mma(const SsdArgs& a, int groups, int sms, void* ws, size
   const SegSplit split = split_for_device(tiles, a.seqlen, kN, static_cast<int64_t>(sms) * per_sm, ws, ws_bytes);
   const int64_t blocks = tiles * split.segments;
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
-  if (groups != 1 && groups != 2) {
-    int64_t w1 = 0, w2 = 0;
-    err = resident_warps(ssd_mma_kernel<Tin, Tout, kN, 1, false>, MmaShape<1>::kWarps, lay.bytes, blocks, sms, &w1);
-    if (err == cudaSuccess)
-      err = resident_warps(ssd_mma_kernel<Tin, Tout, kN, 2, false>, MmaShape<2>::kWarps, lay.bytes, blocks, sms, &w2);
+  if (groups != 1 && groups != 2) {  // (the one-group kernel's occupancy is per_sm, asked above)
+    const int64_t w1 = busiest_sm_warps(per_sm, MmaShape<1>::kWarps, blocks, sms);
+    int64_t w2 = 0;
+    err = resident_warps(ssd_mma_kernel<Tin, Tout, kN, 2, false>, MmaShape<2>::kWarps, lay.bytes, blocks, sms, &w2);
     if (err != cudaSuccess) return err;
     groups = w2 > w1 ? 2 : 1;
   }
