@@ -1,13 +1,14 @@
-"""The GPU backend (edgessm.runtime.cuda_backend), its CUDA kernel wrappers and the Triton GEMV kernels.
+"""The GPU backend (edgessm.runtime.cuda_backend), its CUDA kernel wrappers and the Triton kernels.
 
 On the CPU (CI): the quantized weight formats, argument errors, BackendUnavailable, and the
 backend's wiring (splits, transposes, state handling, quantized layers) with the CUDA and Triton
 kernels replaced by their torch references, against the reference model; where Triton is installed,
-the GEMV kernels in Triton's CPU interpreter against float64.
-On a CUDA GPU (skipped otherwise; tools/gpu_decode_check.sh runs them): every Triton kernel against
-float64, every kernel wrapper against the reference op, and the backend (CUDA graph decode) against
-the reference model: float32 logits rel err < 1e-3 and 32 equal greedy tokens; float16 logits
-within FP16_BOUND; the quantized modes against the model with the same dequantized weights.
+the GEMV kernels in Triton's CPU interpreter against float64 and the gated RMSNorm against the model's.
+On a CUDA GPU (skipped otherwise; tools/gpu_decode_check.sh runs them): every Triton GEMV against
+float64, the norms against the model's, every kernel wrapper against the reference op, and the
+backend (CUDA graph decode) against the reference model: float32 logits rel err < 1e-3 and 32 equal
+greedy tokens; float16 logits within FP16_BOUND; the quantized modes against the model with the
+same dequantized weights.
 """
 
 from __future__ import annotations
@@ -154,6 +155,15 @@ def test_kernel_wrappers_reject_cpu_tensors_by_name() -> None:
         K.causal_conv1d_update(x, torch.zeros(1, 8, 3), torch.zeros(8, 4), None)
 
 
+def test_decode_wrappers_reject_dstate_above_the_kernel_limit() -> None:
+    n = K.MAX_DECODE_DSTATE + 1
+    with pytest.raises(ValueError, match=f"selective_state_update: state has dstate {n}; .* at most 256"):
+        K.selective_state_update(torch.zeros(1, 2, n), *(torch.zeros(1) for _ in range(5)))
+    with pytest.raises(ValueError, match=f"ssd_state_update: state has dstate {n}; .* at most 256"):
+        K.ssd_state_update(torch.zeros(1, 2, 4, n), torch.zeros(1, 2, 4), torch.zeros(1, 2), torch.zeros(2),
+                           torch.zeros(1, 1, n), torch.zeros(1, 1, n))
+
+
 def test_wrappers_bind_exported_launchers() -> None:
     """Every wrapper's launcher essm_<name> (plus the SSD scan's workspace query) has a ctypes signature
     and is exported by a built library."""
@@ -222,6 +232,7 @@ def _fake_kernels(monkeypatch) -> None:
         monkeypatch.setattr(K, name, strict(fn))
     monkeypatch.setattr(K, "kernel_library", lambda: None)
     monkeypatch.setattr(Q, "add_rmsnorm", strict(add_rmsnorm))
+    monkeypatch.setattr(Q, "gated_rmsnorm", strict(Q.reference_gated_rmsnorm, True))  # x, z: any row stride
     monkeypatch.setattr(Q, "gemv_w8a16", strict(lambda x, q, s, b=None: Q.reference_w8a16(x, q, s, b).to(x.dtype), True))
     monkeypatch.setattr(Q, "gemv_w4a16", strict(lambda x, p, s, b=None: Q.reference_w4a16(x, p, s, b).to(x.dtype), True))
     monkeypatch.setattr(Q, "gemv_w8a8",
@@ -456,6 +467,93 @@ def test_add_rmsnorm_matches_block_arithmetic(res_dtype: torch.dtype) -> None:
     Q.add_rmsnorm(residual, out, norm.weight, norm.eps, normed)
     assert rel_err(residual, expect_res) == 0.0
     assert rel_err(normed, expect) < 2e-3  # rsqrt and fp16 re-rounding may differ by an ulp
+
+
+# Gated RMSNorm cases (M, D, group size, dtype, layout): ngroups 1 at Mamba-2 130M/1.3B widths, several
+# groups (of a power of two, and of 96 and 80 channels: masked tiles); x and z column slices of wider
+# rows (as z of in_proj's output) or contiguous; odd M writes into a given ``out``. The GPU adds a
+# prefill-sized M and Mamba-2 2.7B's width in 8 groups.
+GATED_NORM_CASES = [
+    (1, 1536, 1536, "float16", "sliced"), (3, 2048, 256, "bfloat16", "sliced"), (2, 768, 768, "float32", "contiguous"),
+    (5, 384, 96, "float16", "contiguous"), (2, 640, 80, "float32", "sliced"), (1, 4096, 4096, "bfloat16", "sliced"),
+]
+GATED_NORM_GPU_CASES = GATED_NORM_CASES + [(64, 1536, 1536, "float16", "sliced"), (3, 5120, 640, "bfloat16", "sliced")]
+
+
+def _gated_norm_bound(dtype: torch.dtype) -> tuple[float, float]:
+    """(rtol, atol) of gated_rmsnorm vs GatedRMSNorm. The kernel's float32 arithmetic differs from torch's
+    by a few float32 ulps (exp, which Triton approximates on the GPU; the order of the sum of squares;
+    the reciprocal square root). In float16/bfloat16 that can round the normalised value to the
+    neighbouring io value (one io ulp, at most eps * |value|, carried through the weight) and each side
+    rounds the weight product once (half an ulp each; a whole ulp in the interpreter, which truncates
+    to bfloat16): 3 eps in all. In float32 the ulps of the arithmetic themselves: 32 eps. atol: the same
+    ulps at the subnormal spacing (float16 outputs below 6e-5)."""
+    fi = torch.finfo(dtype)
+    rtol = (3 if dtype != torch.float32 else 32) * fi.eps
+    return rtol, rtol * fi.tiny
+
+
+def _gated_rmsnorm_excess(case: tuple, device: str) -> list:
+    """gated_rmsnorm on fresh random inputs vs reference_gated_rmsnorm, which must equal the GatedRMSNorm
+    module exactly: [seed, max |got - ref| / (rtol |ref| + atol)] (<= 1 passes)."""
+    from edgessm.models.norm import GatedRMSNorm
+
+    m, d, group, dtype, layout = case
+    dt = getattr(torch, dtype)
+    seed = torch.seed() % 2**31
+    gen = torch.Generator().manual_seed(seed)
+    # sliced: z the first D columns of in_proj-like rows, x at an odd column offset of other rows
+    x = torch.randn(m, d + 24, generator=gen).to(device=device, dtype=dt)[:, 3:3 + d]
+    z = (2 * torch.randn(m, 2 * d + 40, generator=gen)).to(device=device, dtype=dt)[:, :d]
+    if layout == "contiguous":
+        x, z = x.contiguous(), z.contiguous()
+    norm = GatedRMSNorm(d, group, eps=1e-5).to(device=device, dtype=dt)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.5 * torch.randn(d, generator=gen))
+        want = norm(x, z)
+    ref = Q.reference_gated_rmsnorm(x, z, norm.weight.detach(), group, norm.eps)
+    assert ref.dtype == dt and torch.equal(ref, want), case
+    out = torch.full((m, d), float("nan"), device=device, dtype=dt) if m % 2 else None
+    got = Q.gated_rmsnorm(x, z, norm.weight.detach(), group, norm.eps, out=out)
+    assert got.dtype == dt and (out is None or got.data_ptr() == out.data_ptr())
+    rtol, atol = _gated_norm_bound(dt)
+    return [seed, float(((got.float() - ref.float()).abs() / (rtol * ref.float().abs() + atol)).max())]
+
+
+@needs_gpu
+@needs_triton
+@pytest.mark.parametrize("case", GATED_NORM_GPU_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_gated_rmsnorm_matches_module(case: tuple) -> None:
+    seed, excess = _gated_rmsnorm_excess(case, "cuda")
+    assert excess <= 1, (case, seed, excess)
+
+
+@needs_triton
+def test_gated_rmsnorm_in_interpreter() -> None:
+    """gated_rmsnorm over GATED_NORM_CASES in Triton's interpreter vs GatedRMSNorm."""
+    errs = _in_interpreter(
+        "import json; from tests.test_cuda_backend import _gated_rmsnorm_excess, GATED_NORM_CASES;"
+        "print(json.dumps([[c, *_gated_rmsnorm_excess(c, 'cpu')] for c in GATED_NORM_CASES]))", timeout_s=300)
+    assert len(errs) == len(GATED_NORM_CASES)
+    assert all(excess <= 1 for _, _, excess in errs), errs
+
+
+def test_gated_rmsnorm_rejects_bad_inputs() -> None:
+    """The argument checks come before Triton is needed, so they run without it."""
+    x = torch.zeros(2, 64, dtype=torch.float16)
+    w = torch.ones(64, dtype=torch.float16)
+    with pytest.raises(ValueError, match="D=64 is not a multiple of the group size 48"):
+        Q.gated_rmsnorm(x, x, w, 48, 1e-5)
+    with pytest.raises(ValueError, match=r"x is torch.float64 \(2, 64\), expected \[M, D\]"):
+        Q.gated_rmsnorm(x.double(), x.double(), w.double(), 64, 1e-5)
+    with pytest.raises(ValueError, match=r"z is torch.bfloat16 \(2, 64\) .* on cpu, expected torch.float16 \(2, 64\)"):
+        Q.gated_rmsnorm(x, x.bfloat16(), w, 64, 1e-5)
+    with pytest.raises(ValueError, match=r"x is .* with strides \(1, 2\) .* unit stride along D"):
+        Q.gated_rmsnorm(torch.zeros(64, 2, dtype=torch.float16).T, x, w, 64, 1e-5)
+    with pytest.raises(ValueError, match=r"out is torch.float16 \(2, 32\)"):
+        Q.gated_rmsnorm(x, x, w, 64, 1e-5, out=torch.zeros(2, 32, dtype=torch.float16))
+    with pytest.raises(ValueError, match=r"weight is torch.float32 \(64,\) .* expected contiguous torch.float16"):
+        Q.gated_rmsnorm(x, x, w.float(), 64, 1e-5)
 
 
 # ---- GPU: kernel wrappers vs the reference ops ---------------------------------------------------------

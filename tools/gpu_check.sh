@@ -8,7 +8,8 @@
 # Environment: OUT (default out/gpu_check), BUILD_DIR (default build/plugins), PYTHON (default
 # python3), CUDA_ARCHS (default "87;90"), SKIP_BENCH=1 to stop after the correctness harness,
 # PROFILE=1 to add an Nsight Compute report of the headline kernels ($OUT/ncu.txt),
-# TensorRT_ROOT (TensorRT headers; enables the plugin harness), TRT_BUILD_DIR.
+# TensorRT_ROOT (TensorRT headers; enables the plugin harness), TRT_BUILD_DIR, PEER (a folder made by
+# tools/peer_mamba_ssm.sh: the benchmark also times mamba_ssm's Triton kernels on the same inputs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,7 +36,8 @@ echo "== kernel correctness harness"
 
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   echo "== kernel benchmark"
-  "$PYTHON" plugins/harness/bench_kernels.py --lib "$LIB" --json "$OUT/bench_kernels.json" 2>&1 | tee "$OUT/bench_kernels.log" || status=1
+  "$PYTHON" plugins/harness/bench_kernels.py --lib "$LIB" --json "$OUT/bench_kernels.json" ${PEER:+--peer "$PEER"} \
+    2>&1 | tee "$OUT/bench_kernels.log" || status=1
 fi
 
 if [ "${PROFILE:-0}" = 1 ] && command -v ncu >/dev/null; then

@@ -196,6 +196,14 @@ def selective_scan_fwd(
     return y, final
 
 
+MAX_DECODE_DSTATE = 256  # the decode kernels' limit (kMaxDecodeStates in plugins/kernels/common.cuh)
+
+
+def _check_decode_dstate(op: str, dstate: int) -> None:
+    if dstate > MAX_DECODE_DSTATE:
+        raise ValueError(f"{op}: state has dstate {dstate}; the decode kernels take at most {MAX_DECODE_DSTATE}")
+
+
 def selective_state_update(
     state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
     D: torch.Tensor | None = None, z: torch.Tensor | None = None, dt_bias: torch.Tensor | None = None,
@@ -206,6 +214,7 @@ def selective_state_update(
     if state.dim() != 3:
         raise ValueError(f"{op}: state has shape {tuple(state.shape)}, expected [batch, dim, dstate]")
     b, d, n = state.shape
+    _check_decode_dstate(op, n)
     _same_device(op, {"state": state, "x": x, "dt": dt, "A": A, "B": B, "C": C, "D": D, "z": z, "dt_bias": dt_bias,
                       "out": out})
     io = _io(op, x)
@@ -262,6 +271,7 @@ def ssd_state_update(
     if state.dim() != 4 or B.dim() != 3:
         raise ValueError(f"{op}: state {tuple(state.shape)} must be [B, H, P, N] and B {tuple(B.shape)} [B, G, N]")
     b, h, p, n = state.shape
+    _check_decode_dstate(op, n)
     g = B.shape[1]
     _same_device(op, {"state": state, "x": x, "dt": dt, "A": A, "B": B, "C": C, "D": D, "dt_bias": dt_bias, "out": out})
     io = _io(op, x)

@@ -1,4 +1,5 @@
-"""Triton kernels for the decode step: quantized GEMV / skinny GEMM, and the fused residual-add + RMSNorm.
+"""Triton kernels for the decode step: quantized GEMV / skinny GEMM, the fused residual-add + RMSNorm and
+Mamba-2's gated RMSNorm.
 
 Quantized weight formats (all symmetric, no zero point; ``W`` is the float weight [N, K], y = x W^T):
 
@@ -16,14 +17,19 @@ Decode (M = batch <= 4) runs the GEMV kernels: each program owns a few output ro
 and streams them over K in wide tiles, multiplying element-wise and reducing once at the end; the
 step is bound by reading the weights once. The W4 one reads the packed weights as int32 words (8
 nibbles, low nibble first) and is compiled for each K, its K steps unrolled. Larger M runs the GEMM kernels, which tile M (tokens) by
-16 or 64 and N (outputs) by 16..64 on tensor cores and stream K. Every kernel has a
+16 or 64 and N (outputs) by 16..64 on tensor cores and stream K. Every GEMV/GEMM kernel has a
 float64 reference (``reference_*``) used by the tests. Activations of the A16 kernels are float16
 or bfloat16; outputs are in the activation dtype (float16 for W8A8 with int8 input).
+
+The norms (``add_rmsnorm``: residual add + RMSNorm; ``gated_rmsnorm``: Mamba-2's gated RMSNorm) run one
+program per row (per row and group for the gated one) and have torch references that round exactly as
+the model's modules do.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from edgessm.errors import BackendUnavailable
 
@@ -121,6 +127,18 @@ def reference_add_rmsnorm(
     hf = h.float()
     normed = weight * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
     return new_res, normed
+
+
+def reference_gated_rmsnorm(
+    x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int, eps: float
+) -> torch.Tensor:
+    """What ``gated_rmsnorm`` computes: the ops of edgessm.models.norm.GatedRMSNorm for float16/bfloat16/
+    float32 x (float32 math, the normalised value cast to x's dtype). With weight in x's dtype, torch
+    keeps the last product in x's dtype: computed in float32 (exact for 16-bit operands), rounded once."""
+    h = x.float() * F.silu(z.float())
+    g = h.view(*h.shape[:-1], -1, group_size)
+    g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * g.view(h.shape).to(x.dtype)
 
 
 # ---- kernels ---------------------------------------------------------------------------------------------
@@ -400,6 +418,25 @@ if triton is not None:
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(normed_ptr + row * D + cols, (hn * w).to(io), mask=mask)
 
+    @triton.jit
+    def _gated_rmsnorm_kernel(
+        x_ptr, z_ptr, w_ptr, y_ptr, stride_xm, stride_zm, stride_ym, eps, GROUP: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        # program (row, group): the group's GROUP channels of one row, in one tile of BLOCK (GROUP
+        # rounded up to a power of two); the arithmetic is GatedRMSNorm's, in float32
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < GROUP
+        cols = tl.program_id(1) * GROUP + offs
+        x = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + row * stride_zm + cols, mask=mask, other=0.0).to(tl.float32)
+        h = x * (z / (1.0 + tl.exp(-z)))  # silu(z) as torch writes it
+        var = tl.sum(h * h, axis=0) / GROUP
+        io = y_ptr.dtype.element_ty
+        hn = (h * (1.0 / tl.sqrt(var + eps))).to(io).to(tl.float32)  # cast to x's dtype before the weight
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + row * stride_ym + cols, (hn * w).to(io), mask=mask)  # the product rounded once
+
 
 # ---- launchers ---------------------------------------------------------------------------------------------
 def _check_x(name: str, x: torch.Tensor, k: int, allowed: tuple[torch.dtype, ...]) -> None:
@@ -597,6 +634,13 @@ def gemv_w4a16(
     return y
 
 
+def _norm_tile(n: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) of a norm kernel whose program holds n values: n rounded up to a power of two
+    (as tl.arange needs), 4 warps up to 2048 values and 8 above."""
+    block = triton.next_power_of_2(n)
+    return block, 4 if block <= 2048 else 8
+
+
 def add_rmsnorm(
     residual: torch.Tensor, out: torch.Tensor | None, weight: torch.Tensor, eps: float, normed: torch.Tensor
 ) -> None:
@@ -612,6 +656,46 @@ def add_rmsnorm(
     if not residual.is_contiguous() or weight.shape != (d,) or normed.dtype != weight.dtype:
         raise ValueError("add_rmsnorm: residual must be contiguous, weight [D] in normed's dtype")
     _require_triton()
-    block = triton.next_power_of_2(d)
+    block, warps = _norm_tile(d)
     _add_rmsnorm_kernel[(m,)](residual, out, weight, normed, d, eps, HAS_OUT=out is not None, BLOCK_D=block,
-                 num_warps=4 if block <= 2048 else 8)
+                 num_warps=warps)
+
+
+_NORM_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def gated_rmsnorm(
+    x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int, eps: float, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mamba-2's gated RMSNorm (edgessm.models.norm.GatedRMSNorm) in one kernel: ``h = x * silu(z)`` in
+    float32, ``h * rsqrt(mean(h^2) + eps)`` over each group of ``group_size`` channels, cast to x's
+    dtype, times ``weight``.
+
+    x, z [M, D] float16/bfloat16/float32 of one dtype with unit stride along D and any row stride
+    (z may be a column slice of in_proj's output); weight [D] contiguous in x's dtype; D a multiple of
+    group_size. Returns ``out`` (or a new contiguous tensor) [M, D] in x's dtype. Rounding follows
+    GatedRMSNorm (see reference_gated_rmsnorm): the weight product is rounded to x's dtype once, as
+    torch rounds ``weight * g.to(x.dtype)`` with both in x's dtype (a float32 weight would promote it to
+    float32, hence weight in x's dtype); exp, the sum of squares and the reciprocal square root may
+    differ from torch's by float32 ulps.
+    """
+    if x.dim() != 2 or x.dtype not in _NORM_DTYPES:
+        raise ValueError(f"gated_rmsnorm: x is {x.dtype} {tuple(x.shape)}, expected [M, D] in one of {_NORM_DTYPES}")
+    m, d = x.shape
+    if group_size < 1 or d % group_size:
+        raise ValueError(f"gated_rmsnorm: D={d} is not a multiple of the group size {group_size}")
+    for what, t in (("x", x), ("z", z), ("out", out)):
+        if t is None:
+            continue
+        if tuple(t.shape) != (m, d) or t.dtype != x.dtype or t.device != x.device or t.stride(1) != 1:
+            raise ValueError(
+                f"gated_rmsnorm: {what} is {t.dtype} {tuple(t.shape)} with strides {t.stride()} on {t.device}, "
+                f"expected {x.dtype} {(m, d)} with unit stride along D on {x.device}"
+            )
+    _check_param("gated_rmsnorm", "weight", weight, (d,), x.dtype, x.device)
+    _require_triton()
+    y = torch.empty(m, d, dtype=x.dtype, device=x.device) if out is None else out
+    block, warps = _norm_tile(group_size)
+    _gated_rmsnorm_kernel[(m, d // group_size)](x, z, weight, y, x.stride(0), z.stride(0), y.stride(0), eps,
+                 GROUP=group_size, BLOCK=block, num_warps=warps)
+    return y

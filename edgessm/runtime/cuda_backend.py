@@ -3,7 +3,8 @@
 The model's own parameters are used; what changes is how a step executes:
 
 - scan, conv and state update go through libedgessm_kernels.so (``edgessm.ops.cuda_kernels``);
-- residual add + RMSNorm is one Triton kernel per layer (``edgessm.ops.triton_gemv.add_rmsnorm``);
+- residual add + RMSNorm is one Triton kernel per layer (``edgessm.ops.triton_gemv.add_rmsnorm``), and
+  so is Mamba-2's gated RMSNorm (``gated_rmsnorm``, reading z in place from in_proj's output);
 - the linear layers run as cuBLAS (``weights="float"``) or as the Triton quantized GEMV kernels
   (``"w8a16"``, ``"w4a16"``, ``"w8a8"``; formats in ``edgessm.ops.triton_gemv``). Quantized modes
   quantize every mixer projection and the LM head from the model's weights (a layer whose input size
@@ -172,12 +173,12 @@ class _Layer:
     A: torch.Tensor  # float32: [D, N] (Mamba-1) or [H] (Mamba-2)
     D: torch.Tensor
     dt_bias: torch.Tensor
-    gated_norm: nn.Module | None  # Mamba-2's GatedRMSNorm (run as torch ops)
+    gated_norm: tuple[torch.Tensor, int, float] | None  # Mamba-2's GatedRMSNorm: (weight, group size, eps)
 
     def nbytes(self) -> int:
         tensors = [self.norm_w, self.conv_w, self.A, self.D, self.dt_bias]
         tensors += [self.conv_b] if self.conv_b is not None else []
-        tensors += [self.gated_norm.weight] if self.gated_norm is not None else []
+        tensors += [self.gated_norm[0]] if self.gated_norm is not None else []
         linears = [lin for lin in (self.in_proj, self.out_proj, self.x_proj, self.dt_proj) if lin is not None]
         return sum(t.numel() * t.element_size() for t in tensors) + sum(lin.nbytes() for lin in linears)
 
@@ -263,7 +264,7 @@ class CudaBackend:
             A=-torch.exp(mixer.A_log.detach().float()).contiguous(),
             D=_f32(mixer.D),
             dt_bias=_f32(mixer.dt_proj.bias if m1 else mixer.dt_bias),
-            gated_norm=None if m1 else mixer.norm,
+            gated_norm=None if m1 else (mixer.norm.weight.detach(), mixer.norm.group_size, mixer.norm.eps),
         )
 
     # ---- the shared skeleton: embeddings, norms, head ----
@@ -326,9 +327,9 @@ class CudaBackend:
         return torch.split(zxbcdt, [cfg.d_inner, cfg.conv_dim, cfg.n_heads], dim=-1)
 
     def _m2_out(self, ly: _Layer, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        cfg = self.config
-        y = ly.gated_norm(y.reshape(-1, cfg.d_inner), z)
-        return ly.out_proj(y.to(self.dtype))
+        """The gated norm of the scan's y [B, (L,) H, P] with z [B*L, d_inner] (a column slice of in_proj's
+        output), then out_proj."""
+        return ly.out_proj(Q.gated_rmsnorm(y.reshape(-1, self.config.d_inner), z, *ly.gated_norm))
 
     def _m2_decode(self, st: CudaStates) -> Callable:
         cfg = self.config

@@ -6,9 +6,11 @@ working set exceeds the L2 cache. Decode steps are timed as CUDA-graph replays o
 model (distinct per-layer buffers) and reported per layer. Each row also gives its physical floor:
 the larger of bytes / copy bandwidth and the busiest execution unit's time at its peak rate (the
 special-function unit for the Mamba-1 scan's exponentials, the tensor cores for the SSD products),
-and the kernel's time as a percentage of it.
+and the kernel's time as a percentage of it. With `--peer DIR` (tools/peer_mamba_ssm.sh) the rows
+that mamba_ssm has a kernel for (SSD prefill, the Mamba-1 decode step; float16) also time it on the
+same inputs, check that its output agrees with edgessm's, and give the speed-up over it.
 
-    python plugins/harness/bench_kernels.py [--lib PATH] [--json PATH]   (JSON defaults to $OUT)
+    python plugins/harness/bench_kernels.py [--lib PATH] [--json PATH] [--peer DIR]  (JSON defaults to $OUT)
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from check_kernels import write_json_atomic  # noqa: E402
 from essm_lib import (  # noqa: E402
     ESSM_F16, ESSM_I8, SSD_VARIANTS, KernelLib, ScanScales, SsdScales, ptr, scan_scales)
+from peers import MambaSsmPeer, load_mamba_ssm  # noqa: E402
 
 log = logging.getLogger("bench_kernels")
 L2_ROTATE_BYTES = 200 * 2**20  # working set spanned by the rotated input copies (> 3x H100 L2)
@@ -59,6 +62,7 @@ class Row:
     floor_ms: float | None = None
     floor_unit: str = "copy"
     pct_floor: float | None = None
+    peer_ms: float | None = None  # the peer's kernels (--peer) on the same inputs, CUDA-graph replays
 
 
 # Peak per-SM rates of the units that bound these kernels, by compute capability (CUDA C
@@ -110,8 +114,9 @@ def int8_scan_scales(dim: int, in_dt: int) -> tuple[ScanScales | None, torch.Ten
 
 
 class Bench:
-    def __init__(self, lib: KernelLib, reps: int, profile: bool = False) -> None:
+    def __init__(self, lib: KernelLib, reps: int, profile: bool = False, peer: MambaSsmPeer | None = None) -> None:
         self.lib = lib
+        self.peer = peer
         self.reps = reps
         self.profile = profile  # one launch per kernel, no eager baselines (for running under ncu)
         self.warmup = 0 if profile else 5
@@ -137,10 +142,12 @@ class Bench:
         return torch.randint(-127, 128, shape, device="cuda", generator=self.gen, dtype=torch.int8)
 
     def add(self, section: str, config: str, dtype: str, variant: str, ms: float, nbytes: int,
-            eager_ms: float | None = None, note: str = "", unit: tuple[str, float | None] | None = None) -> None:
+            eager_ms: float | None = None, note: str = "", unit: tuple[str, float | None] | None = None,
+            peer_ms: float | None = None) -> None:
         """One result row; `unit` = (name, floor ms) of the execution unit that bounds the kernel, if any."""
         gbps = nbytes / (ms * 1e-3) / 1e9
-        row = Row(section, config, dtype, variant, ms, gbps, 100.0 * gbps / self.copy_gbps, eager_ms, note)
+        row = Row(section, config, dtype, variant, ms, gbps, 100.0 * gbps / self.copy_gbps, eager_ms, note,
+                  peer_ms=peer_ms)
         if self.copy_gbps > 0:
             row.floor_ms = 1e3 * nbytes / (self.copy_gbps * 1e9)
             if unit is not None and unit[1] is not None and unit[1] > row.floor_ms:
@@ -232,13 +239,70 @@ class Bench:
                               ptr(t["y"]), ptr(t["state"]), b, d, n)
 
         ms = self.graph_ms(step_all) / layers
-        eager = None
+        eager, peer_ms, note = None, None, ""
         if in_dt == ESSM_F16:
             def eager_all(_: int) -> None:
                 for t in L:
                     eager_state_update(t["state"], t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], t["z"], t["db"])
             eager = time_ms(eager_all, 20, 3) / layers
-        self.add("decode_state_update", config, dname, "graph, per layer", ms, per_layer, eager)
+            if self.peer is not None:
+                peer_ms, note = self.state_update_peer(L, layers, scales)
+        self.add("decode_state_update", config, dname, "graph, per layer", ms, per_layer, eager, note, peer_ms=peer_ms)
+
+    def state_update_peer(self, layers_io: list[dict], layers: int, scales: ScanScales | None) -> tuple[float, str]:
+        """The peer's decode step over the same layers in one CUDA graph: (ms per layer, agreement note).
+        Agreement: one step of both from the same state on layer 0's inputs."""
+        assert self.peer is not None
+        peer = self.peer
+
+        def peer_all() -> None:
+            for t in layers_io:
+                peer.state_update(t["state"], t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], t["z"], t["db"])
+
+        ms = self.graph_ms(peer_all) / layers
+        t = layers_io[0]
+        start = t["state"].clone()
+        ref_y = peer.state_update(start.clone(), t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], t["z"], t["db"])
+        state = start.clone()
+        self.lib.call("essm_selective_state_update", ESSM_F16, ESSM_F16, ptr(state), ptr(t["x"]), ptr(t["dt"]),
+                      ptr(t["A"]), ptr(t["B"]), ptr(t["C"]), ptr(t["D"]), ptr(t["z"]), ptr(t["db"]), 1, scales,
+                      ptr(t["y"]), ptr(state), t["x"].shape[0], t["x"].shape[1], t["B"].shape[1])
+        torch.cuda.synchronize()
+        return ms, f"{peer.name}: rel.err vs edgessm y {rel_err(t['y'], ref_y):.1e}"
+
+    # ---- Mamba-2 decode ------------------------------------------------------------------------
+    def ssd_state_update(self, label: str, b: int, h: int, p: int, g: int, n: int, layers: int) -> None:
+        """The SSD decode step (float16), all layers in one CUDA graph, reported per layer; bytes: the state
+        read and written, x, y, dt, B, C, and A, D, dt_bias."""
+        config = f"{label} B{b} H{h} P{p} G{g} N{n} x{layers} layers"
+        per_layer = 8 * b * h * p * n + 2 * (2 * b * h * p + b * h + 2 * b * g * n) + 12 * h
+        L = [dict(state=torch.randn(b, h, p, n, device="cuda", generator=self.gen),
+                  A=-torch.exp(torch.rand(h, device="cuda", generator=self.gen)), x=self.randn(b, h, p),
+                  dt=self.randn(b, h), B=self.randn(b, g, n), C=self.randn(b, g, n),
+                  D=torch.randn(h, device="cuda", generator=self.gen),
+                  db=torch.rand(h, device="cuda", generator=self.gen) * -2.0 - 1.0,
+                  y=torch.empty(b, h, p, dtype=torch.float16, device="cuda")) for _ in range(layers)]
+
+        def launch(t: dict, state: torch.Tensor) -> None:
+            self.lib.call("essm_ssd_state_update", ESSM_F16, ESSM_F16, ptr(state), ptr(t["x"]), ptr(t["dt"]),
+                          ptr(t["A"]), ptr(t["B"]), ptr(t["C"]), ptr(t["D"]), ptr(t["db"]), 1, 0.0, math.inf, None,
+                          ptr(t["y"]), ptr(state), b, h, p, g, n)
+
+        ms = self.graph_ms(lambda: [launch(t, t["state"]) for t in L]) / layers
+        peer_ms, note = None, ""
+        if self.peer is not None:
+            peer = self.peer
+
+            def peer_step(t: dict, state: torch.Tensor) -> torch.Tensor:
+                return peer.ssd_state_update(state, t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], t["db"])
+
+            peer_ms = self.graph_ms(lambda: [peer_step(t, t["state"]) for t in L]) / layers
+            t, start = L[0], L[0]["state"].clone()
+            ref_y = peer_step(t, start.clone())
+            launch(t, start)
+            torch.cuda.synchronize()
+            note = f"{peer.name}: rel.err vs edgessm y {rel_err(t['y'], ref_y):.1e}"
+        self.add("decode_ssd_update", config, "f16", "graph, per layer", ms, per_layer, None, note, peer_ms=peer_ms)
 
     def graph_ms(self, body: Callable[[], None]) -> float:
         """Median ms of one replay of a CUDA graph capturing `body`."""
@@ -278,7 +342,7 @@ class Bench:
                           ptr(s["C"]), ptr(Dk), ptr(db), 1, 0.0, math.inf, scales, None, ptr(s["y"]), ptr(sT),
                           b, seqlen, h, p, g, n, 256, ptr(ws), 0 if ws is None else ws.numel())
 
-        eager, note = None, ""
+        eager, note, peer_ms = None, "", None
         if in_dt == ESSM_F16 and not self.profile:
             s0 = sets[0]
             eager = time_ms(lambda i: eager_ssd_chunked(s0["x"], s0["dt"], A, s0["B"], s0["C"], Dk, db), EAGER_REPS, 1)
@@ -286,6 +350,9 @@ class Bench:
             run(0)
             torch.cuda.synchronize()
             note = f"vs eager rel.err {rel_err(s0['y'], ref):.1e}"
+            if self.peer is not None:
+                peer_ms, peer_note = self.ssd_peer(sets, A, Dk, db, sT)
+                note += "; " + peer_note
         # tensor-core floor: the chunked form's products at chunk length 64 (G = C B^T and M x on the
         # causal half, C S, and B^T x for the state), counted once (not the state operand's split)
         q, chunks = 64, b * h * math.ceil(seqlen / 64)
@@ -295,7 +362,29 @@ class Bench:
             with self.lib.forced_ssd_variant(variant):
                 ws = self.lib.ssd_workspace(ESSM_F16, b, seqlen, h, p, n)
                 ms = time_ms(run, self.reps, min(3, self.warmup))
-            self.add("ssd_prefill", config, dname, label, ms, nbytes, eager, note, tensor)
+            self.add("ssd_prefill", config, dname, label, ms, nbytes, eager, note, tensor, peer_ms)
+
+    def ssd_peer(self, sets: list[dict], A: torch.Tensor, Dk: torch.Tensor, db: torch.Tensor,
+                 state0: torch.Tensor) -> tuple[float, str]:
+        """The peer's SSD prefill on the same input sets: (ms of one call replayed in a CUDA graph, the
+        GPU's time; a note with the ms of a plain call, launch overheads included, as a user of its
+        Python API sees them, and its agreement with edgessm's y and final state of set 0, `state0`)."""
+        assert self.peer is not None
+        peer = self.peer
+
+        def call(s: dict) -> tuple[torch.Tensor, torch.Tensor]:
+            return peer.ssd_prefill(s["x"], s["dt"], A, s["B"], s["C"], Dk, db, 256)
+
+        call_ms = time_ms(lambda i: call(sets[i % len(sets)]), self.reps, 3)  # the first calls autotune
+
+        def all_sets() -> None:
+            for s in sets:
+                call(s)
+
+        graph_ms = self.graph_ms(all_sets) / len(sets)
+        y, state = call(sets[0])
+        return graph_ms, (f"{peer.name}: {call_ms:.4f} ms per plain call, rel.err vs edgessm y "
+                          f"{rel_err(sets[0]['y'], y):.1e}, state {rel_err(state0, state):.1e}")
 
     # ---- Hadamard -------------------------------------------------------------------------------
     def hadamard(self, rows: int, m: int, logk: int, quantize: bool) -> None:
@@ -399,7 +488,8 @@ def eager_hadamard(x: torch.Tensor, hm: torch.Tensor, scale: float) -> torch.Ten
 
 def print_table(rows: list[Row]) -> None:
     header = (f"{'section':<20} {'config':<34} {'dtype':<8} {'variant':<17} {'ms':>9} {'GB/s':>8} {'%copy':>6} "
-              f"{'floor ms':>9} {'bound':>6} {'%floor':>6} {'eager ms':>9} {'speedup':>8}  note")
+              f"{'floor ms':>9} {'bound':>6} {'%floor':>6} {'eager ms':>9} {'speedup':>8} {'peer ms':>9} "
+              f"{'vs peer':>8}  note")
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -407,8 +497,9 @@ def print_table(rows: list[Row]) -> None:
         speed = f"{r.eager_ms / r.ms:8.1f}" if r.eager_ms is not None else f"{'-':>8}"
         floor = (f"{r.floor_ms:9.4f} {r.floor_unit:>6} {r.pct_floor:6.1f}" if r.floor_ms is not None
                  else f"{'-':>9} {'-':>6} {'-':>6}")
+        peer = (f"{r.peer_ms:9.4f} {r.peer_ms / r.ms:8.2f}" if r.peer_ms is not None else f"{'-':>9} {'-':>8}")
         print(f"{r.section:<20} {r.config:<34} {r.dtype:<8} {r.variant:<17} {r.ms:9.4f} {r.gbps:8.1f} "
-              f"{r.pct_copy:6.1f} {floor} {eager} {speed}  {r.note}")
+              f"{r.pct_copy:6.1f} {floor} {eager} {speed} {peer}  {r.note}")
 
 
 def main() -> int:
@@ -419,13 +510,17 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true",
                         help="launch each headline kernel once (prefill scan, SSD, Hadamard) for ncu")
     parser.add_argument("--only", default=None,
-                        help="comma-separated sections to time (scan, state_update, ssd, hadamard); default all")
+                        help="comma-separated sections to time (scan, state_update, ssd_state_update, ssd, hadamard); "
+                             "default all")
+    parser.add_argument("--peer", type=Path, default=None,
+                        help="folder made by tools/peer_mamba_ssm.sh: also time mamba_ssm's Triton kernels")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     if not torch.cuda.is_available():
         log.error("no CUDA device: the kernel benchmark needs a GPU")
         return 2
-    bench = Bench(KernelLib(args.lib), 1 if args.profile else args.reps, args.profile)
+    peer = load_mamba_ssm(args.peer) if args.peer is not None else None
+    bench = Bench(KernelLib(args.lib), 1 if args.profile else args.reps, args.profile, peer)
     bench.copy_bandwidth()
     if args.profile:
         bench.scan(1, 1536, 16, 2048, ESSM_F16)  # auto: the segmented sequential kernel
@@ -442,6 +537,9 @@ def main() -> int:
         for b in (1, 8):
             jobs.append(("state_update", lambda b=b, i=in_dt: bench.state_update("130M", b, 1536, 16, 24, i)))
             jobs.append(("state_update", lambda b=b, i=in_dt: bench.state_update("1.4B", b, 4096, 16, 48, i)))
+    for b in (1, 8):
+        jobs.append(("ssd_state_update", lambda b=b: bench.ssd_state_update("Mamba-2 130M", b, 24, 64, 1, 128, 24)))
+        jobs.append(("ssd_state_update", lambda b=b: bench.ssd_state_update("Mamba-2 1.3B", b, 64, 64, 1, 128, 48)))
     for in_dt in (ESSM_F16, ESSM_I8):
         for b, h in ((1, 24), (1, 64), (4, 64)):
             jobs.append(("ssd", lambda b=b, h=h, i=in_dt: bench.ssd(b, 2048, h, 64, 1, 128, i)))
@@ -463,6 +561,7 @@ def main() -> int:
     out = args.json or (Path(os.environ["OUT"]) / "bench_kernels.json" if os.environ.get("OUT") else None)
     if out is not None:
         payload = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, copy_gbps=bench.copy_gbps,
+                       peer=None if peer is None else peer.name,
                        sms=bench.sms, max_sm_clock_hz=bench.sm_clock_hz, rows=[asdict(r) for r in bench.rows])
         write_json_atomic(out, payload)
         log.info("wrote %s", out)

@@ -203,8 +203,10 @@ class Checker:
         self.compare("selective_scan_fwd", case, dtname, "final_state", hT, h_ref, TOLERANCE[ESSM_F32])
 
     def state_update(self, batch: int, dim: int, dstate: int, in_dt: int, out_dt: int, *, in_place: bool,
-                     gate: bool) -> None:
-        case = f"B{batch} D{dim} N{dstate} z{int(gate)} in_place{int(in_place)}"
+                     gate: bool, unaligned: bool = False) -> None:
+        """`unaligned`: the state buffers start 4 bytes past a 16-byte boundary (the kernel must then
+        move one state per access)."""
+        case = f"B{batch} D{dim} N{dstate} z{int(gate)} in_place{int(in_place)}{' unaligned' if unaligned else ''}"
         dtname = f"{DTYPE_NAMES[in_dt]}->{DTYPE_NAMES[out_dt]}"
         io = self._scan_inputs((batch, dim), (batch, dstate), dim, in_dt, out_dt, True)
         dv, vals = io["dev"], io["vals"]
@@ -214,6 +216,9 @@ class Checker:
         s_in, s64 = self.f32(self.rng.normal(0, 1, (batch, dim, dstate)))
         y = self.poisoned((batch, dim), out_dt)
         s_out = s_in if in_place else self.poisoned((batch, dim, dstate), ESSM_F32)
+        if unaligned:
+            s_in = shifted_copy(s_in)
+            s_out = s_in if in_place else shifted_copy(s_out)
         self.lib.call("essm_selective_state_update", in_dt, out_dt, ptr(s_in), ptr(dv["u"]), ptr(dv["delta"]),
                       ptr(A), ptr(dv["B"]), ptr(dv["C"]), ptr(Dk), ptr(dv["z"]) if gate else None, ptr(db), 1,
                       io["scales"], ptr(y), ptr(s_out), batch, dim, dstate)
@@ -245,30 +250,37 @@ class Checker:
         return dict(dev=dict(x=x, B=bm, C=cm), vals=dict(x=x64, B=b64, C=c64), scales=None, keep=None)
 
     def ssd(self, batch: int, seqlen: int, nheads: int, headdim: int, ngroups: int, dstate: int, in_dt: int,
-            out_dt: int, *, init: bool, clamp: bool, variant: tuple[int, int] = (0, 0), workspace: bool = True) -> None:
+            out_dt: int, *, init: bool, clamp: bool, variant: tuple[int, int] = (0, 0), workspace: bool = True,
+            softplus: bool = True) -> None:
         """One SSD prefill under `variant` (SSD_VARIANTS), with the workspace its split asks for (filled
-        with NaN bytes), or none (`workspace=False`: the launcher must then not split)."""
+        with NaN bytes), or none (`workspace=False`: the launcher must then not split). `softplus=False`
+        takes dt as given, some of it negative (clamped at -0.05): decays above 1 inside a chunk, a cumsum
+        of dt A that is not monotonic (SSD step 14 in docs/benchmarks.md tried an M that relies on it)."""
         case = (f"B{batch} L{seqlen} H{nheads} P{headdim} G{ngroups} N{dstate} h0{int(init)} clamp{int(clamp)} "
-                f"{SSD_VARIANTS[variant]}{'' if workspace else ' no-workspace'}")
+                f"sp{int(softplus)} {SSD_VARIANTS[variant]}{'' if workspace else ' no-workspace'}")
         dtname = f"{DTYPE_NAMES[in_dt]}->{DTYPE_NAMES[out_dt]}"
         io = self._ssd_inputs((batch, seqlen, nheads, headdim), (batch, seqlen, ngroups, dstate), nheads,
                               headdim, ngroups, in_dt)
         dv, vals = io["dev"], io["vals"]
-        dt, dt64 = self.normal((batch, seqlen, nheads), out_dt)
+        if softplus:
+            dt, dt64 = self.normal((batch, seqlen, nheads), out_dt)
+            db, db64 = self.f32(self.rng.uniform(-3.0, -1.0, nheads))
+        else:
+            dt, dt64 = self.dev(self.rng.uniform(-0.08, 0.3, (batch, seqlen, nheads)), out_dt)
+            db, db64 = self.f32(self.rng.uniform(-0.01, 0.01, nheads))
         A, A64 = self.f32(-np.exp(self.rng.uniform(-1.0, 1.5, nheads)))
         Dk, D64 = self.f32(self.rng.normal(0, 1, nheads))
-        db, db64 = self.f32(self.rng.uniform(-3.0, -1.0, nheads))
-        dt_min, dt_max = (0.01, 0.2) if clamp else (0.0, math.inf)
+        dt_min, dt_max = (0.01, 0.2) if clamp else (0.0 if softplus else -0.05, math.inf)
         s0, s064 = self.f32(self.rng.normal(0, 1, (batch, nheads, headdim, dstate))) if init else (None, None)
         y = self.poisoned((batch, seqlen, nheads, headdim), out_dt)
         sT = self.poisoned((batch, nheads, headdim, dstate), ESSM_F32)
         with self.lib.forced_ssd_variant(variant):
             ws = self.lib.ssd_workspace(out_dt, batch, seqlen, nheads, headdim, dstate) if workspace else None
             self.lib.call("essm_ssd_scan_fwd", in_dt, out_dt, ptr(dv["x"]), ptr(dt), ptr(A), ptr(dv["B"]), ptr(dv["C"]),
-                          ptr(Dk), ptr(db), 1, dt_min, dt_max, io["scales"], ptr(s0), ptr(y), ptr(sT), batch, seqlen,
-                          nheads, headdim, ngroups, dstate, 256, ptr(ws), 0 if ws is None else ws.numel())
+                          ptr(Dk), ptr(db), int(softplus), dt_min, dt_max, io["scales"], ptr(s0), ptr(y), ptr(sT), batch,
+                          seqlen, nheads, headdim, ngroups, dstate, 256, ptr(ws), 0 if ws is None else ws.numel())
             torch.cuda.synchronize()
-        y_ref, s_ref = ref.ssd_scan(vals["x"], dt64, A64, vals["B"], vals["C"], D64, db64, True, dt_min, dt_max,
+        y_ref, s_ref = ref.ssd_scan(vals["x"], dt64, A64, vals["B"], vals["C"], D64, db64, softplus, dt_min, dt_max,
                                     s064)
         self.compare("ssd_scan_fwd", case, dtname, "y", y, y_ref, TOLERANCE[out_dt])
         self.compare("ssd_scan_fwd", case, dtname, "final_state", sT, s_ref, TOLERANCE[ESSM_F32])
@@ -356,9 +368,22 @@ class Checker:
             self.expect_rejected("selective_state_update", f"int8 with NULL {missing}", lib.status(
                 "essm_selective_state_update", ESSM_I8, ESSM_F16, p, p, p, p, p, p, None, None, None, 1, partial, p,
                 p, 1, 1, 16))
+        self.expect_rejected("selective_state_update", "dstate=257", lib.status(
+            "essm_selective_state_update", ESSM_F32, ESSM_F32, p, p, p, p, p, p, None, None, None, 1, None, p,
+            p, 1, 1, 257))
+        self.expect_rejected("ssd_state_update", "dstate=272", lib.status(
+            "essm_ssd_state_update", ESSM_F32, ESSM_F32, p, p, p, p, p, p, None, None, 1, 0.0, math.inf, None, p, p,
+            1, 1, 1, 1, 272))
         self.expect_rejected("causal_conv1d_fwd", "width=9", lib.status(
             "essm_causal_conv1d_fwd", ESSM_F32, p, p, None, 1, p, None, 1, 1, 8, 9))
         torch.cuda.synchronize()
+
+
+def shifted_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of `t` whose data starts one element past its allocation's (16-byte aligned) start."""
+    view = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:].view(t.shape)
+    view.copy_(t)
+    return view
 
 
 def run_all(chk: Checker, only: set[str] | None = None) -> None:
@@ -387,9 +412,13 @@ def run_all(chk: Checker, only: set[str] | None = None) -> None:
                     continue
                 add(("scan", lambda sc=sc, var=var, i=in_dt, o=out_dt: chk.scan(in_dt=i, out_dt=o, variant=var, **sc)))
         for (b, d, n, ip, g) in [(2, 37, 16, False, True), (1, 130, 64, True, True), (3, 11, 256, False, False),
-                                 (2, 9, 24, True, True)]:
+                                 (2, 9, 24, True, True), (2, 33, 128, False, True), (2, 19, 13, True, True),
+                                 (1, 7, 250, False, True)]:  # dstate % 4 != 0: one state per access
             add(("state_update", lambda b=b, d=d, n=n, ip=ip, g=g, i=in_dt, o=out_dt:
                  chk.state_update(b, d, n, i, o, in_place=ip, gate=g)))
+        for ip in (False, True):
+            add(("state_update", lambda ip=ip, i=in_dt, o=out_dt:
+                 chk.state_update(2, 37, 16, i, o, in_place=ip, gate=True, unaligned=True)))
         ssd_cases = [
             (2, 100, 4, 32, 1, 16, False, False), (1, 7, 6, 48, 2, 64, True, True), (1, 1, 2, 64, 2, 128, True, False),
             (1, 300, 4, 64, 2, 256, False, True), (2, 37, 4, 128, 4, 128, True, False),
@@ -403,8 +432,12 @@ def run_all(chk: Checker, only: set[str] | None = None) -> None:
         if out_dt != ESSM_F32:  # a split forced without a workspace: the launcher must run unsplit
             add(("ssd", lambda i=in_dt, o=out_dt: chk.ssd(1, 1000, 3, 64, 1, 128, i, o, init=True, clamp=False,
                                                           variant=(4, 4), workspace=False)))
+        for v in SSD_VARIANTS if out_dt != ESSM_F32 else ((0, 0),):  # dt < 0: a non-monotonic cumsum
+            add(("ssd", lambda i=in_dt, o=out_dt, v=v: chk.ssd(1, 300, 3, 64, 1, 128, i, o, init=True, clamp=False,
+                                                               variant=v, softplus=False)))
         for (b, h, p, g, n, ip, clamp) in [(2, 4, 64, 1, 128, False, True), (1, 6, 48, 2, 16, True, False),
-                                            (3, 8, 32, 4, 256, False, False)]:
+                                            (3, 8, 32, 4, 256, False, False), (1, 5, 16, 1, 18, False, False),
+                                            (2, 2, 8, 2, 250, True, False)]:
             add(("ssd_update", lambda b=b, h=h, p=p, g=g, n=n, ip=ip, clamp=clamp, i=in_dt, o=out_dt:
                  chk.ssd_update(b, h, p, g, n, i, o, in_place=ip, clamp=clamp)))
     had_cases = [(3, 1, 0), (5, 1, 4), (3, 1, 7), (17, 1, 10), (3, 1, 15), (3, 12, 0), (5, 12, 3), (3, 12, 8),

@@ -41,9 +41,11 @@ __device__ __forceinline__ int8_t from_float<int8_t>(float v) {
 template <int BYTES>
 using VecWord = typename std::conditional<
     BYTES % 16 == 0, uint4,
-    typename std::conditional<BYTES % 8 == 0, uint2,
-                              typename std::conditional<BYTES % 4 == 0, uint32_t,
-                                                        uint16_t>::type>::type>::type;
+    typename std::conditional<
+        BYTES % 8 == 0, uint2,
+        typename std::conditional<BYTES % 4 == 0, uint32_t,
+                                  typename std::conditional<BYTES % 2 == 0, uint16_t,
+                                                            uint8_t>::type>::type>::type>::type;
 
 // Dequantized value of one loaded element: int8 inputs are scaled, float inputs are exact (their
 // scale argument is ignored, which saves a multiply per element in the scans' inner loops).
@@ -161,15 +163,131 @@ cudaError_t dispatch_in_out(essm_dtype in, essm_dtype out, F&& f) {
 
 inline cudaError_t launch_status() { return cudaGetLastError(); }
 
-// Lanes that cooperate on one recurrent-state row in the decode kernels: the next power of two
-// >= dstate, at most a warp. Lane `sub` walks states n = sub, sub + lanes, ... so a warp's state
-// accesses are coalesced, and the row's output is a shuffle reduction over those lanes.
-inline int lanes_per_row(int dstate) {
-  int l = 1;
-  while (l < dstate && l < 32) l <<= 1;
-  return l;
+inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
+
+// ---- decode: one recurrent-state row per `lanes` lanes -------------------------------------------
+// A decode step moves a few hundred KB per layer: its time is memory latency and instruction
+// count, so
+//  - every global load of a row is issued before any arithmetic or store (a loop that loaded and
+//    stored element by element paid one memory round trip per element: state_out may alias
+//    state_in, so no load may move above a store);
+//  - states move kVec at a time (4: 16-byte words, where dstate % 4 == 0 and the state rows are
+//    16-byte aligned), lane `sub` of a row owning the runs n = (i lanes + sub) kVec .. + kVec - 1
+//    for i < kPer, so a warp's accesses stay coalesced and the row's output is a shuffle reduction
+//    over its lanes.
+constexpr int kMaxDecodeStates = 256;  // dstate limit of the decode kernels
+// Thread count limit of a decode launch (rows x lanes), so that thread and row indices are 32-bit:
+// their 64-bit division was a chain of ~40 instructions in front of every load.
+constexpr int64_t kMaxDecodeThreads = int64_t{1} << 30;
+
+// How a launch lays rows out over lanes: kVec states per access, `lanes` (a power of two <= 32,
+// >= dstate / kVec where possible) per row, kPer accesses per lane.
+struct DecodeShape {
+  int vec, lanes, per;
+  DecodeShape(int dstate, bool aligned16) : vec(aligned16 && dstate % 4 == 0 ? 4 : 1), lanes(1) {
+    const int runs = (dstate + vec - 1) / vec;
+    while (lanes < runs && lanes < 32) lanes <<= 1;
+    per = (runs + lanes - 1) / lanes;
+  }
+};
+
+// Calls f(std::integral_constant<int, kPer>{}, std::integral_constant<int, kVec>{}) for `shape`
+// (kPer rounded up to a power of two: at most 8 / kVec, since dstate <= 256 and lanes <= 32);
+// cudaErrorInvalidValue above kMaxDecodeStates.
+template <typename F>
+cudaError_t with_decode_shape(int dstate, const DecodeShape& shape, F&& f) {
+  if (dstate > kMaxDecodeStates) return cudaErrorInvalidValue;
+  using V1 = std::integral_constant<int, 1>;
+  using V4 = std::integral_constant<int, 4>;
+  if (shape.vec == 4)
+    return shape.per <= 1 ? f(std::integral_constant<int, 1>{}, V4{}) : f(std::integral_constant<int, 2>{}, V4{});
+  if (shape.per <= 1) return f(std::integral_constant<int, 1>{}, V1{});
+  if (shape.per <= 2) return f(std::integral_constant<int, 2>{}, V1{});
+  if (shape.per <= 4) return f(std::integral_constant<int, 4>{}, V1{});
+  return f(std::integral_constant<int, 8>{}, V1{});
 }
 
-inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// This thread's row and lane within it (lanes a power of two).
+__device__ __forceinline__ void decode_row(int block_threads, int lanes, int* row, int* sub) {
+  const int t = static_cast<int>(blockIdx.x) * block_threads + static_cast<int>(threadIdx.x);
+  *row = t >> (__ffs(lanes) - 1);
+  *sub = t & (lanes - 1);
+}
+
+// kVec floats at p (16-byte aligned for kVec 4). Plain loads, not __ldg: the state may be
+// rewritten by this kernel.
+template <int kVec>
+__device__ __forceinline__ void load_floats(const float* p, float (&v)[kVec]) {
+  if constexpr (kVec == 4) {
+    const float4 w = *reinterpret_cast<const float4*>(p);
+    v[0] = w.x, v[1] = w.y, v[2] = w.z, v[3] = w.w;
+  } else {
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) v[j] = p[j];
+  }
+}
+
+template <int kVec>
+__device__ __forceinline__ void store_floats(float* p, const float (&v)[kVec]) {
+  if constexpr (kVec == 4) {
+    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) p[j] = v[j];
+  }
+}
+
+// One row's states, A, B and C for this lane, loaded by load() in the kernel's first lines (before
+// any arithmetic, softplus's branches included: code placed after a branch is not hoisted above
+// it), then advanced by update().
+template <int kPer, int kVec>
+struct StateRowLane {
+  float h[kPer][kVec], a[kPer][kVec], b[kPer][kVec], c[kPer][kVec];
+
+  // A_n = A_row[n] (per_state_A) or A_row[0] (one decay per row); inactive rows read nothing
+  template <typename Tin>
+  __device__ __forceinline__ void load(const float* s_in, const float* A_row, bool per_state_A,
+                                       const Tin* Brow, const Tin* Crow, float B_scale, float C_scale,
+                                       int N, int sub, int lanes, bool active) {
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int n = (i * lanes + sub) * kVec;
+      if (active && n < N) {
+        load_floats<kVec>(s_in + n, h[i]);
+        if (per_state_A) {
+          load_run<float, kVec>(A_row + n, kVec, 1.f, a[i]);
+        } else {
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) a[i][j] = __ldg(A_row);
+        }
+        load_run<Tin, kVec>(Brow + n, kVec, B_scale, b[i]);
+        load_run<Tin, kVec>(Crow + n, kVec, C_scale, c[i]);
+      }
+    }
+  }
+
+  // h_n <- exp(dt A_n) h_n + dtx B_n, written to s_out; returns sum_n h_n C_n reduced over the
+  // row's lanes (every lane of the warp calls it)
+  __device__ __forceinline__ float update(float* s_out, float dt, float dtx, int N, int sub, int lanes,
+                                          bool active) {
+    float acc = 0.f;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int n = (i * lanes + sub) * kVec;
+      if (active && n < N) {
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          h[i][j] = fmaf(expf(dt * a[i][j]), h[i][j], dtx * b[i][j]);
+          acc = fmaf(h[i][j], c[i][j], acc);
+        }
+        store_floats<kVec>(s_out + n, h[i]);
+      }
+    }
+    for (int off = lanes >> 1; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    return acc;
+  }
+};
 
 }  // namespace essm

@@ -817,26 +817,6 @@ cudaError_t run_scan(const ScanArgs& a, cudaStream_t stream) {
 }
 
 // ---- decode --------------------------------------------------------------------------------
-// h_n <- exp(dt * A_n) h_n + dtx * B_n over the lane's states; returns sum_n h_n C_n reduced over
-// the `lanes` lanes of the row (all lanes of the warp must call this).
-template <typename Tin>
-__device__ float update_state_row(const float* s_in, float* s_out, const float* A_row,
-                                  int a_stride, const Tin* Brow, const Tin* Crow, float B_scale,
-                                  float C_scale, float dt, float dtx, int N, int sub, int lanes,
-                                  bool active) {
-  float acc = 0.f;
-  if (active) {
-    for (int n = sub; n < N; n += lanes) {
-      const float a = expf(dt * A_row[n * a_stride]);
-      const float h = fmaf(a, s_in[n], dtx * load1(Brow + n, B_scale));
-      s_out[n] = h;
-      acc = fmaf(h, load1(Crow + n, C_scale), acc);
-    }
-  }
-  for (int off = lanes >> 1; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-  return acc;
-}
-
 struct StateUpdateArgs {
   const float* state_in;
   const void* x;
@@ -857,31 +837,32 @@ struct StateUpdateArgs {
 
 constexpr int kDecodeThreads = 128;
 
-// state_in/state_out may alias: every state element is read and then written by one thread.
-template <typename Tin, typename Tout>
+// state_in/state_out may alias: every state element is read and then written by one thread. All
+// of a row's loads (x, dt, D, z, and its states, A, B and C in StateRowLane::load) come before any
+// arithmetic that waits on them (common.cuh, "decode").
+template <typename Tin, typename Tout, int kPer, int kVec>
 __global__ void __launch_bounds__(kDecodeThreads)
     selective_state_update_kernel(const StateUpdateArgs p, int lanes) {
-  const int64_t gthread = static_cast<int64_t>(blockIdx.x) * kDecodeThreads + threadIdx.x;
-  const int64_t row = gthread / lanes;  // (b, d)
-  const int sub = static_cast<int>(gthread % lanes);
-  const int64_t rows = static_cast<int64_t>(p.batch) * p.dim;
-  const bool active = row < rows;
+  int row, sub;
+  decode_row(kDecodeThreads, lanes, &row, &sub);  // row (b, d)
+  const bool active = row < p.batch * p.dim;
   const int64_t rr = active ? row : 0;
-  const int b = static_cast<int>(rr / p.dim), d = static_cast<int>(rr % p.dim);
+  const int b = static_cast<int>(rr) / p.dim, d = static_cast<int>(rr) - b * p.dim;
   const int N = p.dstate;
   const float xv = load1(static_cast<const Tin*>(p.x) + rr, scale_at(p.x_scale, d));
-  float dtv = load1(static_cast<const Tin*>(p.dt) + rr, scale_at(p.dt_scale, 0)) +
-              (p.dt_bias ? p.dt_bias[d] : 0.f);
-  if (p.dt_softplus) dtv = softplus(dtv);
-  const float acc = update_state_row<Tin>(
-      p.state_in + rr * N, p.state_out + rr * N, p.A + static_cast<int64_t>(d) * N, 1,
-      static_cast<const Tin*>(p.Bm) + static_cast<int64_t>(b) * N,
-      static_cast<const Tin*>(p.Cm) + static_cast<int64_t>(b) * N, scale_at(p.B_scale, 0),
-      scale_at(p.C_scale, 0), dtv,
-      dtv * xv, N, sub, lanes, active);
+  const float dt_raw = load1(static_cast<const Tin*>(p.dt) + rr, scale_at(p.dt_scale, 0));
+  const float bias = p.dt_bias ? p.dt_bias[d] : 0.f, Dd = p.Dskip ? p.Dskip[d] : 0.f;
+  const float zv = p.z != nullptr ? load1(static_cast<const Tin*>(p.z) + rr, scale_at(p.z_scale, 0)) : 0.f;
+  StateRowLane<kPer, kVec> st;
+  st.load(p.state_in + rr * N, p.A + static_cast<int64_t>(d) * N, true,
+          static_cast<const Tin*>(p.Bm) + static_cast<int64_t>(b) * N,
+          static_cast<const Tin*>(p.Cm) + static_cast<int64_t>(b) * N, scale_at(p.B_scale, 0),
+          scale_at(p.C_scale, 0), N, sub, lanes, active);
+  const float dtv = p.dt_softplus ? softplus(dt_raw + bias) : dt_raw + bias;
+  const float acc = st.update(p.state_out + rr * N, dtv, dtv * xv, N, sub, lanes, active);
   if (active && sub == 0) {
-    float out = acc + (p.Dskip ? p.Dskip[d] : 0.f) * xv;
-    if (p.z != nullptr) out *= silu(load1(static_cast<const Tin*>(p.z) + rr, scale_at(p.z_scale, 0)));
+    float out = fmaf(Dd, xv, acc);
+    if (p.z != nullptr) out *= silu(zv);
     static_cast<Tout*>(p.y)[rr] = from_float<Tout>(out);
   }
 }
@@ -973,11 +954,14 @@ extern "C" cudaError_t essm_selective_state_update(
                           batch,
                           dim,
                           dstate};
-  const int lanes = lanes_per_row(dstate);
-  const int64_t threads = static_cast<int64_t>(batch) * dim * lanes;
+  const DecodeShape shape(dstate, aligned16(state_in) && aligned16(state_out));
+  const int64_t threads = static_cast<int64_t>(batch) * dim * shape.lanes;
+  if (threads > kMaxDecodeThreads) return cudaErrorInvalidValue;
   return dispatch_in_out(in_dtype, out_dtype, [&](auto ti, auto to) {
-    selective_state_update_kernel<decltype(ti), decltype(to)>
-        <<<ceil_div(threads, kDecodeThreads), kDecodeThreads, 0, stream>>>(a, lanes);
-    return launch_status();
+    return with_decode_shape(dstate, shape, [&](auto per, auto vec) {
+      selective_state_update_kernel<decltype(ti), decltype(to), decltype(per)::value, decltype(vec)::value>
+          <<<ceil_div(threads, kDecodeThreads), kDecodeThreads, 0, stream>>>(a, shape.lanes);
+      return launch_status();
+    });
   });
 }

@@ -1194,42 +1194,31 @@ __global__ void __launch_bounds__(MmaShape<kGroups>::kThreads, 2 / kGroups)
 // ---- decode: one (batch, head, headdim row) per `lanes` lanes, like the Mamba-1 update ----
 constexpr int kSsdDecodeThreads = 128;
 
-template <typename Tin, typename Tout>
+// As the Mamba-1 update (one decay per row: A per head), with every load of a row issued up front
+// (common.cuh, "decode").
+template <typename Tin, typename Tout, int kPer, int kVec>
 __global__ void __launch_bounds__(kSsdDecodeThreads)
     ssd_state_update_kernel(const float* state_in, float* state_out, const SsdArgs p, int lanes) {
-  const int64_t gthread = static_cast<int64_t>(blockIdx.x) * kSsdDecodeThreads + threadIdx.x;
-  const int64_t row = gthread / lanes;  // (b, h, p)
-  const int sub = static_cast<int>(gthread % lanes);
+  int row, sub;
+  decode_row(kSsdDecodeThreads, lanes, &row, &sub);  // row (b, h, p)
   const int H = p.nheads, P = p.headdim, N = p.dstate;
-  const int64_t rows = static_cast<int64_t>(p.batch) * H * P;
-  const bool active = row < rows;
-  const int64_t rr = active ? row : 0;
-  const int pp = static_cast<int>(rr % P);
-  const int64_t bh = rr / P;
-  const int h = static_cast<int>(bh % H), b = static_cast<int>(bh / H);
+  const bool active = row < p.batch * H * P;
+  const int r32 = active ? row : 0;
+  const int64_t rr = r32;
+  const int bh = r32 / P, pp = r32 - bh * P;
+  const int b = bh / H, h = bh - b * H;
   const int g = h / (H / p.ngroups);
   const SsdHead hp(p, h, g);  // (inactive lanes read row 0's: valid addresses, results unused)
   const float xv = load1(static_cast<const Tin*>(p.x) + rr,
                          p.x_scale != nullptr ? p.x_scale[h * P + pp] : 1.f);
-  const float dtv = ssd_dt(to_float(static_cast<const Tout*>(p.dt)[bh]), hp.dt_bias,
-                           p.dt_softplus, p.dt_min, p.dt_max);
+  const float dt_raw = to_float(static_cast<const Tout*>(p.dt)[bh]);
   const int64_t bc = (static_cast<int64_t>(b) * p.ngroups + g) * N;
-  float acc = 0.f;
-  if (active) {
-    const float a = expf(dtv * hp.A);
-    const float dtx = dtv * xv;
-    for (int n = sub; n < N; n += lanes) {
-      const float s = fmaf(a, state_in[rr * N + n],
-                           dtx * load1(static_cast<const Tin*>(p.Bm) + bc + n, hp.B_scale));
-      state_out[rr * N + n] = s;
-      acc = fmaf(s, load1(static_cast<const Tin*>(p.Cm) + bc + n, hp.C_scale), acc);
-    }
-  }
-  for (int off = lanes >> 1; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-  if (active && sub == 0) {
-    const float out = acc + hp.D * xv;
-    static_cast<Tout*>(p.y)[rr] = from_float<Tout>(out);
-  }
+  StateRowLane<kPer, kVec> st;
+  st.load(state_in + rr * N, p.A + h, false, static_cast<const Tin*>(p.Bm) + bc,
+          static_cast<const Tin*>(p.Cm) + bc, hp.B_scale, hp.C_scale, N, sub, lanes, active);
+  const float dtv = ssd_dt(dt_raw, hp.dt_bias, p.dt_softplus, p.dt_min, p.dt_max);
+  const float acc = st.update(state_out + rr * N, dtv, dtv * xv, N, sub, lanes, active);
+  if (active && sub == 0) static_cast<Tout*>(p.y)[rr] = from_float<Tout>(fmaf(hp.D, xv, acc));
 }
 
 // Benchmark/tuning override (essm_tuning_set_ssd_variant): 0 = by output dtype and dstate, 1 =
@@ -1573,12 +1562,15 @@ extern "C" cudaError_t essm_ssd_state_update(essm_dtype in_dtype, essm_dtype out
   const SsdArgs a = make_ssd_args(in_dtype, x, dt, A, Bm, Cm, Dskip, dt_bias, dt_softplus, dt_min,
                                   dt_max, scales, nullptr, y, nullptr, batch, 1, nheads, headdim,
                                   ngroups, dstate);
-  const int lanes = lanes_per_row(dstate);
-  const int64_t threads = static_cast<int64_t>(batch) * nheads * headdim * lanes;
+  const DecodeShape shape(dstate, aligned16(state_in) && aligned16(state_out));
+  const int64_t threads = static_cast<int64_t>(batch) * nheads * headdim * shape.lanes;
+  if (threads > kMaxDecodeThreads) return cudaErrorInvalidValue;
   return dispatch_in_out(in_dtype, out_dtype, [&](auto ti, auto to) {
-    ssd_state_update_kernel<decltype(ti), decltype(to)>
-        <<<ceil_div(threads, kSsdDecodeThreads), kSsdDecodeThreads, 0, stream>>>(
-            state_in, state_out, a, lanes);
-    return launch_status();
+    return with_decode_shape(dstate, shape, [&](auto per, auto vec) {
+      ssd_state_update_kernel<decltype(ti), decltype(to), decltype(per)::value, decltype(vec)::value>
+          <<<ceil_div(threads, kSsdDecodeThreads), kSsdDecodeThreads, 0, stream>>>(
+              state_in, state_out, a, shape.lanes);
+      return launch_status();
+    });
   });
 }

@@ -64,7 +64,7 @@ cudaError_t essm_selective_scan_fwd(essm_dtype in_dtype, essm_dtype out_dtype, c
                                     void* y, float* final_state, int batch, int dim, int dstate,
                                     int seqlen, cudaStream_t stream);
 
-// One decode step. state_in/out: [batch, dim, dstate] f32 (out may alias in);
+// One decode step. state_in/out: [batch, dim, dstate] f32 (out may alias in), dstate <= 256;
 // x, dt, z, y: [batch, dim]; Bm, Cm: [batch, dstate]; other arguments as above
 // (scales->u_scale is the per-channel scale of x, delta_scale that of dt).
 cudaError_t essm_selective_state_update(essm_dtype in_dtype, essm_dtype out_dtype,
@@ -105,8 +105,8 @@ cudaError_t essm_ssd_scan_fwd(essm_dtype in_dtype, essm_dtype out_dtype, const v
 size_t essm_ssd_scan_workspace_size(essm_dtype out_dtype, int max_batch, int max_seqlen, int nheads,
                                     int headdim, int dstate);
 
-// One decode step. state_in/out: [batch, nheads, headdim, dstate] f32 (out may alias in);
-// x, y: [batch, nheads, headdim]; dt: [batch, nheads]; Bm, Cm: [batch, ngroups, dstate].
+// One decode step. state_in/out: [batch, nheads, headdim, dstate] f32 (out may alias in),
+// dstate <= 256; x, y: [batch, nheads, headdim]; dt: [batch, nheads]; Bm, Cm: [batch, ngroups, dstate].
 cudaError_t essm_ssd_state_update(essm_dtype in_dtype, essm_dtype out_dtype, const float* state_in,
                                   const void* x, const void* dt, const float* A, const void* Bm,
                                   const void* Cm, const float* Dskip, const float* dt_bias,
