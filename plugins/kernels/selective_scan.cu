@@ -837,9 +837,10 @@ struct StateUpdateArgs {
 
 constexpr int kDecodeThreads = 128;
 
-// state_in/state_out may alias: every state element is read and then written by one thread. All
-// of a row's loads (x, dt, D, z, and its states, A, B and C in StateRowLane::load) come before any
-// arithmetic that waits on them (common.cuh, "decode").
+// state_in/state_out may alias: every state element is read and then written by one thread. All of
+// a row's loads (x, dt, D, z, and its states, A, B and C in StateRowLane::load) come before any
+// arithmetic that waits on them (common.cuh, "decode"); softplus and SiLU are the prefill scans'
+// fast forms (the softplus branch-free).
 template <typename Tin, typename Tout, int kPer, int kVec>
 __global__ void __launch_bounds__(kDecodeThreads)
     selective_state_update_kernel(const StateUpdateArgs p, int lanes) {
@@ -858,11 +859,11 @@ __global__ void __launch_bounds__(kDecodeThreads)
           static_cast<const Tin*>(p.Bm) + static_cast<int64_t>(b) * N,
           static_cast<const Tin*>(p.Cm) + static_cast<int64_t>(b) * N, scale_at(p.B_scale, 0),
           scale_at(p.C_scale, 0), N, sub, lanes, active);
-  const float dtv = p.dt_softplus ? softplus(dt_raw + bias) : dt_raw + bias;
+  const float dtv = p.dt_softplus ? mixed_softplus(dt_raw + bias) : dt_raw + bias;
   const float acc = st.update(p.state_out + rr * N, dtv, dtv * xv, N, sub, lanes, active);
   if (active && sub == 0) {
     float out = fmaf(Dd, xv, acc);
-    if (p.z != nullptr) out *= silu(zv);
+    if (p.z != nullptr) out *= fast_silu(zv);
     static_cast<Tout*>(p.y)[rr] = from_float<Tout>(out);
   }
 }
