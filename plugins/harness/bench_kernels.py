@@ -1,9 +1,12 @@
 """Kernel benchmark: edgessm CUDA kernels vs measured copy bandwidth and PyTorch eager.
 
 Effective bandwidth = (bytes of every input read once + every output written once) / time, with
-time the median of CUDA-event timings after warm-up; inputs rotate among enough copies that the
-working set exceeds the L2 cache. Decode steps are timed as CUDA-graph replays of all layers of a
-model (distinct per-layer buffers) and reported per layer. Each row also gives its physical floor:
+time the median of CUDA-event timings of CUDA-graph replays after warm-up: a graph holds one call per
+input copy, the copies rotating through enough inputs that the working set exceeds the L2 cache, so
+host launch overhead is not timed (it exceeded the GPU time of the shortest kernels: a 27 µs
+Hadamard launch measured 45 µs through ctypes on a slower host) and edgessm's kernels and the peer's
+are timed alike. Decode steps are timed as CUDA-graph replays of all layers of a model (distinct
+per-layer buffers) and reported per layer. Each row also gives its physical floor:
 the larger of bytes / copy bandwidth and the busiest execution unit's time at its peak rate (the
 special-function unit for the Mamba-1 scan's exponentials, the tensor cores for the SSD products),
 and the kernel's time as a percentage of it. With `--peer DIR` (tools/peer_mamba_ssm.sh) the rows
@@ -119,7 +122,6 @@ class Bench:
         self.peer = peer
         self.reps = reps
         self.profile = profile  # one launch per kernel, no eager baselines (for running under ncu)
-        self.warmup = 0 if profile else 5
         self.rows: list[Row] = []
         self.copy_gbps = 0.0
         self.gen = torch.Generator(device="cuda").manual_seed(1234)
@@ -212,7 +214,7 @@ class Bench:
         sfu = ("sfu", self.unit_floor_ms(b * d * seqlen * (n + 2), SFU_OPS_PER_CLK_SM))
         for variant in list(SCAN_VARIANTS)[:2] if self.profile else SCAN_VARIANTS:
             self.lib.set_scan_variant(*variant)
-            ms = time_ms(run, self.reps, self.warmup)
+            ms = self.kernel_ms(run, len(sets))
             self.add("scan_prefill", config, dname, SCAN_VARIANTS[variant], ms, nbytes, eager, note, sfu)
         self.lib.set_scan_variant(0)
 
@@ -304,6 +306,13 @@ class Bench:
             note = f"{peer.name}: rel.err vs edgessm y {rel_err(t['y'], ref_y):.1e}"
         self.add("decode_ssd_update", config, "f16", "graph, per layer", ms, per_layer, None, note, peer_ms=peer_ms)
 
+    def kernel_ms(self, run: Callable[[int], None], copies: int) -> float:
+        """Milliseconds of one run(i): CUDA-graph replays of run(0) .. run(copies - 1), per call (one plain
+        call per measurement under --profile, for ncu)."""
+        if self.profile:
+            return time_ms(run, 1, 0)
+        return self.graph_ms(lambda: [run(i) for i in range(copies)]) / copies
+
     def graph_ms(self, body: Callable[[], None]) -> float:
         """Median ms of one replay of a CUDA graph capturing `body`."""
         side = torch.cuda.Stream()
@@ -361,7 +370,7 @@ class Bench:
         for variant, label in SSD_VARIANTS.items():
             with self.lib.forced_ssd_variant(variant):
                 ws = self.lib.ssd_workspace(ESSM_F16, b, seqlen, h, p, n)
-                ms = time_ms(run, self.reps, min(3, self.warmup))
+                ms = self.kernel_ms(run, len(sets))
             self.add("ssd_prefill", config, dname, label, ms, nbytes, eager, note, tensor, peer_ms)
 
     def ssd_peer(self, sets: list[dict], A: torch.Tensor, Dk: torch.Tensor, db: torch.Tensor,
@@ -406,7 +415,7 @@ class Bench:
         eager = None
         if not quantize and not self.profile:
             eager = time_ms(lambda i: eager_hadamard(sets[0]["x"], hm, scale), EAGER_REPS + 2, 1)
-        ms = time_ms(run, self.reps, self.warmup)
+        ms = self.kernel_ms(run, len(sets))
         self.add("hadamard", config, "f16->" + ("i8" if quantize else "f16"), "kernel", ms, nbytes, eager)
 
 
