@@ -233,6 +233,7 @@ def _fake_kernels(monkeypatch) -> None:
     monkeypatch.setattr(K, "kernel_library", lambda: None)
     monkeypatch.setattr(Q, "add_rmsnorm", strict(add_rmsnorm))
     monkeypatch.setattr(Q, "gated_rmsnorm", strict(Q.reference_gated_rmsnorm, True))  # x, z: any row stride
+    monkeypatch.setattr(Q, "dt_proj_state_update", strict(Q.reference_dt_proj_state_update, True))  # dbc, z: slices
     monkeypatch.setattr(Q, "gemv_w8a16", strict(lambda x, q, s, b=None: Q.reference_w8a16(x, q, s, b).to(x.dtype), True))
     monkeypatch.setattr(Q, "gemv_w4a16", strict(lambda x, p, s, b=None: Q.reference_w4a16(x, p, s, b).to(x.dtype), True))
     monkeypatch.setattr(Q, "gemv_w8a8",
@@ -358,6 +359,10 @@ def _interpreter_runs_scalar_loops() -> bool:
     return triton_v >= (3, 8) or numpy_v < (2, 4)
 
 
+needs_interpreter = pytest.mark.skipif(Q.triton is not None and not _interpreter_runs_scalar_loops(),
+                                       reason="Triton < 3.8's interpreter needs NumPy < 2.4")
+
+
 def _in_interpreter(code: str, timeout_s: int) -> list:
     """Runs `code` in a fresh Python with TRITON_INTERPRET=1 (which takes effect when the kernels are
     defined) from the repository root; returns the JSON its last output line prints."""
@@ -371,8 +376,7 @@ def _in_interpreter(code: str, timeout_s: int) -> list:
 
 
 @needs_triton
-@pytest.mark.skipif(Q.triton is not None and not _interpreter_runs_scalar_loops(),
-                    reason="Triton < 3.8's interpreter needs NumPy < 2.4")
+@needs_interpreter
 def test_triton_gemv_in_interpreter() -> None:
     """Every GEMV/GEMM kernel on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1, which takes
     effect when the kernels are defined, hence a fresh process) vs float64."""
@@ -436,8 +440,7 @@ def test_w4_gemv_vs_float64(case: tuple) -> None:
 
 
 @needs_triton
-@pytest.mark.skipif(Q.triton is not None and not _interpreter_runs_scalar_loops(),
-                    reason="Triton < 3.8's interpreter needs NumPy < 2.4")
+@needs_interpreter
 def test_w4_gemv_in_interpreter() -> None:
     """The W4 GEMV over W4_CASES in Triton's interpreter vs float64, with up to 8 rows per program."""
     errs = _in_interpreter(
@@ -554,6 +557,86 @@ def test_gated_rmsnorm_rejects_bad_inputs() -> None:
         Q.gated_rmsnorm(x, x, w, 64, 1e-5, out=torch.zeros(2, 32, dtype=torch.float16))
     with pytest.raises(ValueError, match=r"weight is torch.float32 \(64,\) .* expected contiguous torch.float16"):
         Q.gated_rmsnorm(x, x, w.float(), 64, 1e-5)
+
+
+# ---- Mamba-1's fused dt_proj + state update ---------------------------------------------------------------
+# (batch, d_inner, dt_rank, dstate, dtype, weights, z): the 130M / 1.4B shapes, W8 weights, a batch with z a
+# column slice of in_proj's output, no z, and odd sizes (partial channel block, dt_rank and dstate not
+# powers of two)
+DT_UPDATE_CASES = [(1, 1536, 48, 16, "float16", "float", True), (2, 4096, 128, 16, "bfloat16", "w8", True),
+                   (2, 64, 8, 16, "float32", "float", True),
+                   (3, 77, 5, 13, "float16", "w8", False), (1, 100, 160, 64, "float16", "float", True)]
+DT_UPDATE_INTERPRETER_CASES = [(1, 100, 48, 16, "float16", "float", True), (2, 77, 48, 16, "bfloat16", "w8", True),
+                               (3, 40, 5, 13, "float16", "w8", False)]
+
+
+def _dt_update_errors(case: tuple, device: str) -> list:
+    """One dt_proj_state_update vs reference_dt_proj_state_update on fresh random inputs: [seed, y error /
+    bound, state error / bound]. The bound is one rounding of dt in the io dtype (the sums' float32 order
+    may round dt to the neighbouring value; Triton's interpreter truncates to bfloat16): eps (at least
+    1e-6) for the state's relative error, 4 eps for y's."""
+    b, dim, r, n, dtype, weights, with_z = case
+    dt = getattr(torch, dtype)
+    seed = torch.seed() % 2**31
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen)
+
+    x = rand(b, dim).to(device=device, dtype=dt)
+    dbc = rand(b, r + 2 * n + 3).to(device=device, dtype=dt)[:, :r + 2 * n]  # a row stride of its own
+    w = rand(dim, r) * r ** -0.5
+    if weights == "w8":
+        ws = w.abs().amax(1) / 127
+        weight, ws = torch.round(w / ws[:, None]).to(device=device, dtype=torch.int8), ws.to(device)
+    else:
+        weight, ws = w.to(device=device, dtype=dt), None
+    A = -torch.exp(torch.rand(dim, n, generator=gen) * 3).to(device)
+    Dk, bias = rand(dim).to(device), (torch.rand(dim, generator=gen) * -2 - 1).to(device)
+    z = rand(b, 2 * dim).to(device=device, dtype=dt)[:, dim:] if with_z else None
+    state = rand(b, dim, n).to(device)
+    want_state = state.clone()
+    want = Q.reference_dt_proj_state_update(want_state, x, dbc, weight, ws, A, Dk, z, bias)
+    got = Q.dt_proj_state_update(state, x, dbc, weight, ws, A, Dk, z, bias)
+    eps = max(torch.finfo(dt).eps, 1e-6)  # float32: the kernel's exp, log and sums differ from torch's by ulps
+    return [seed, rel_err(got, want) / (4 * eps), rel_err(state, want_state) / eps]
+
+
+@needs_triton
+@needs_interpreter
+def test_dt_proj_state_update_in_interpreter() -> None:
+    errs = _in_interpreter(
+        "import json; from tests.test_cuda_backend import _dt_update_errors, DT_UPDATE_INTERPRETER_CASES;"
+        "print(json.dumps([[c, *_dt_update_errors(c, 'cpu')] for c in DT_UPDATE_INTERPRETER_CASES]))",
+        timeout_s=300)
+    assert len(errs) == len(DT_UPDATE_INTERPRETER_CASES)
+    assert all(ey <= 1 and es <= 1 for _, _, ey, es in errs), errs
+
+
+@needs_gpu
+@needs_triton
+@pytest.mark.parametrize("case", DT_UPDATE_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_dt_proj_state_update_matches_reference(case: tuple) -> None:
+    seed, ey, es = _dt_update_errors(case, "cuda")
+    assert ey <= 1 and es <= 1, (case, seed, ey, es)
+
+
+def test_dt_proj_state_update_rejects_bad_inputs() -> None:
+    """The argument checks come before Triton is needed, so they run without it."""
+    b, dim, r, n = 2, 8, 4, 16
+    h = torch.float16
+    args = dict(state=torch.zeros(b, dim, n), x=torch.zeros(b, dim, dtype=h), dbc=torch.zeros(b, r + 2 * n, dtype=h),
+                weight=torch.zeros(dim, r, dtype=h), weight_scale=None, A=torch.zeros(dim, n))
+    with pytest.raises(ValueError, match=r"dbc is torch.float16 \(2, 40\) .* expected torch.float16 \(2, 36\)"):
+        Q.dt_proj_state_update(**{**args, "dbc": torch.zeros(b, 40, dtype=h)})
+    with pytest.raises(ValueError, match="an int8 weight needs weight_scale"):
+        Q.dt_proj_state_update(**{**args, "weight": torch.zeros(dim, r, dtype=torch.int8)})
+    with pytest.raises(ValueError, match=r"x is torch.float64 \(2, 8\), expected contiguous \(2, 8\) in one of"):
+        Q.dt_proj_state_update(**{**args, "x": torch.zeros(b, dim, dtype=torch.float64)})
+    with pytest.raises(ValueError, match=r"z is .* with strides \(1, 2\), expected torch.float16 \(2, 8\)"):
+        Q.dt_proj_state_update(**args, z=torch.zeros(dim, b, dtype=h).T)
+    with pytest.raises(ValueError, match=r"A is torch.float16 .* expected contiguous torch.float32 \(8, 16\)"):
+        Q.dt_proj_state_update(**{**args, "A": torch.zeros(dim, n, dtype=h)})
 
 
 # ---- GPU: kernel wrappers vs the reference ops ---------------------------------------------------------

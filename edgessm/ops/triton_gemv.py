@@ -23,7 +23,8 @@ or bfloat16; outputs are in the activation dtype (float16 for W8A8 with int8 inp
 
 The norms (``add_rmsnorm``: residual add + RMSNorm; ``gated_rmsnorm``: Mamba-2's gated RMSNorm) run one
 program per row (per row and group for the gated one) and have torch references that round exactly as
-the model's modules do.
+the model's modules do. ``dt_proj_state_update`` is Mamba-1's decode step after x_proj (dt_proj, then
+the selective state update) in one kernel, a [channels, dstate] state tile per program.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from edgessm.errors import BackendUnavailable
+from edgessm.ops import scan as scan_ops
 
 try:
     import triton
@@ -127,6 +129,22 @@ def reference_add_rmsnorm(
     hf = h.float()
     normed = weight * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
     return new_res, normed
+
+
+def reference_dt_proj_state_update(
+    state: torch.Tensor, x: torch.Tensor, dbc: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None,
+    A: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None, dt_bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """What ``dt_proj_state_update`` computes, as the two steps it fuses: ``dt = dt_proj(dbc[:, :R])`` (the
+    float or W8 weight, no bias) rounded to x's dtype, then edgessm.ops.scan.selective_state_update with
+    softplus; ``state`` is updated in place, y returned."""
+    r, n = weight.shape[1], A.shape[1]
+    acc = dbc[:, :r].float() @ weight.float().T  # the scale after the sum, as the W8 GEMV applies it
+    dt = (acc if weight_scale is None else acc * weight_scale.float()).to(x.dtype)
+    y, new = scan_ops.selective_state_update(state, x, dt, A, dbc[:, r:r + n], dbc[:, r + n:r + 2 * n], D, z, dt_bias,
+                                             True)
+    state.copy_(new)
+    return y
 
 
 def reference_gated_rmsnorm(
@@ -437,6 +455,52 @@ if triton is not None:
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(y_ptr + row * stride_ym + cols, (hn * w).to(io), mask=mask)  # the product rounded once
 
+    @triton.jit
+    def _dt_state_update_kernel(
+        state_ptr, x_ptr, dbc_ptr, w_ptr, ws_ptr, bias_ptr, A_ptr, D_ptr, z_ptr, y_ptr,
+        DIM, R, N, stride_dbc, stride_z,
+        W8: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        # program (channel block, batch row): every load first, then dt = dt_proj(dbc[:R]) rounded to the
+        # io dtype as the separate GEMV rounds it, then the selective state update of the block's rows
+        b = tl.program_id(1)
+        rd = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+        rr = tl.arange(0, BLOCK_R)
+        rn = tl.arange(0, BLOCK_N)
+        md, mr, mn = rd < DIM, rr < R, rn < N
+        m2 = md[:, None] & mn[None, :]
+        dbc = dbc_ptr + b * stride_dbc
+        u = tl.load(dbc + rr, mask=mr, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + rd[:, None] * R + rr[None, :], mask=md[:, None] & mr[None, :], other=0.0).to(tl.float32)
+        s_off = (b * DIM + rd)[:, None] * N + rn[None, :]
+        h = tl.load(state_ptr + s_off, mask=m2, other=0.0)
+        A = tl.load(A_ptr + rd[:, None] * N + rn[None, :], mask=m2, other=0.0)
+        Bv = tl.load(dbc + R + rn, mask=mn, other=0.0).to(tl.float32)
+        Cv = tl.load(dbc + R + N + rn, mask=mn, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + b * DIM + rd, mask=md, other=0.0).to(tl.float32)
+        io = y_ptr.dtype.element_ty
+        acc = tl.sum(w * u[None, :], axis=1)
+        if W8:
+            acc = acc * tl.load(ws_ptr + rd, mask=md, other=0.0)
+        dt = acc.to(io).to(tl.float32)
+        if HAS_BIAS:
+            dt = dt + tl.load(bias_ptr + rd, mask=md, other=0.0)
+        # softplus (threshold 20, as torch); log(1 + t) as t (1 - t / 2) for t < 1e-4, where 1 + t
+        # would round away t's low bits
+        t = tl.exp(tl.minimum(dt, 20.0))
+        sp = tl.where(t < 1e-4, t * (1.0 - 0.5 * t), tl.log(1.0 + t))
+        dt = tl.where(dt > 20.0, dt, sp)
+        h = tl.exp(dt[:, None] * A) * h + (dt * x)[:, None] * Bv[None, :]
+        tl.store(state_ptr + s_off, h, mask=m2)
+        y = tl.sum(h * Cv[None, :], axis=1)
+        if HAS_D:
+            y = y + tl.load(D_ptr + rd, mask=md, other=0.0) * x
+        if HAS_Z:
+            z = tl.load(z_ptr + b * stride_z + rd, mask=md, other=0.0).to(tl.float32)
+            y = y * (z / (1.0 + tl.exp(-z)))
+        tl.store(y_ptr + b * DIM + rd, y.to(io), mask=md)
+
 
 # ---- launchers ---------------------------------------------------------------------------------------------
 def _check_x(name: str, x: torch.Tensor, k: int, allowed: tuple[torch.dtype, ...]) -> None:
@@ -698,4 +762,58 @@ def gated_rmsnorm(
     block, warps = _norm_tile(group_size)
     _gated_rmsnorm_kernel[(m, d // group_size)](x, z, weight, y, x.stride(0), z.stride(0), y.stride(0), eps,
                  GROUP=group_size, BLOCK=block, num_warps=warps)
+    return y
+
+
+def dt_proj_state_update(
+    state: torch.Tensor, x: torch.Tensor, dbc: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None,
+    A: torch.Tensor, D: torch.Tensor | None = None, z: torch.Tensor | None = None, dt_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mamba-1's decode step after x_proj in one kernel: ``dt = dt_proj(dbc[:, :R])``, then the selective state
+    update with softplus (edgessm.ops.scan.selective_state_update): ``state`` is updated in place, y returned.
+
+    Separately they are two CUDA-graph nodes per layer, each costing more than its work; dt_proj is R
+    (dt_rank) multiply-adds per channel, so each program computes its channels' dt itself.
+    state [B, DIM, N] float32 contiguous; x [B, DIM] float16/bfloat16/float32 contiguous; dbc [B, R + 2N] (x_proj's
+    output: dt input, B, C) in x's dtype, unit stride along its row; weight [DIM, R]: in x's dtype, or int8
+    with ``weight_scale`` float32 [DIM] (the W8 format); A [DIM, N], D, dt_bias [DIM] float32; z [B, DIM] in
+    x's dtype with unit stride along DIM (any row stride). Rounding follows reference_dt_proj_state_update
+    but for float32 ulps (the order of dt's sum, exp, log).
+    """
+    name = "dt_proj_state_update"
+    if state.dim() != 3 or A.dim() != 2:
+        raise ValueError(f"{name}: state {tuple(state.shape)} must be [B, DIM, N] and A {tuple(A.shape)} [DIM, N]")
+    b, dim, n = state.shape
+    if weight.dim() != 2 or weight.shape[0] != dim:
+        raise ValueError(f"{name}: weight is {tuple(weight.shape)}, expected [{dim}, dt_rank]")
+    r = weight.shape[1]
+    if x.dtype not in _NORM_DTYPES or tuple(x.shape) != (b, dim) or not x.is_contiguous():
+        raise ValueError(f"{name}: x is {x.dtype} {tuple(x.shape)}, expected contiguous {(b, dim)} in one of "
+                         f"{_NORM_DTYPES}")
+    if tuple(dbc.shape) != (b, r + 2 * n) or dbc.dtype != x.dtype or dbc.stride(1) != 1:
+        raise ValueError(f"{name}: dbc is {dbc.dtype} {tuple(dbc.shape)} with strides {dbc.stride()}, expected "
+                         f"{x.dtype} {(b, r + 2 * n)} (dt_rank + 2 dstate) with unit stride along the row")
+    if z is not None and (tuple(z.shape) != (b, dim) or z.dtype != x.dtype or z.stride(1) != 1):
+        raise ValueError(f"{name}: z is {z.dtype} {tuple(z.shape)} with strides {z.stride()}, expected {x.dtype} "
+                         f"{(b, dim)} with unit stride along DIM")
+    w8 = weight.dtype == torch.int8
+    _check_param(name, "weight", weight, (dim, r), torch.int8 if w8 else x.dtype, x.device)
+    if w8 != (weight_scale is not None):
+        raise ValueError(f"{name}: an int8 weight needs weight_scale and a float one takes none; the weight is "
+                         f"{weight.dtype}, weight_scale {'given' if weight_scale is not None else 'None'}")
+    if w8:
+        _check_param(name, "weight_scale", weight_scale, (dim,), torch.float32, x.device)
+    _check_param(name, "state", state, (b, dim, n), torch.float32, x.device)
+    _check_param(name, "A", A, (dim, n), torch.float32, x.device)
+    for what, t in (("D", D), ("dt_bias", dt_bias)):
+        if t is not None:
+            _check_param(name, what, t, (dim,), torch.float32, x.device)
+    _require_triton()
+    y = torch.empty(b, dim, dtype=x.dtype, device=x.device)
+    block_n = triton.next_power_of_2(n)
+    block_d = max(4, min(32, 512 // block_n))  # a [block_d, block_n] state tile of <= 4 values per thread
+    _dt_state_update_kernel[(triton.cdiv(dim, block_d), b)](
+        state, x, dbc, weight, weight_scale, dt_bias, A, D, z, y, dim, r, n, dbc.stride(0),
+        0 if z is None else z.stride(0), W8=w8, HAS_BIAS=dt_bias is not None, HAS_D=D is not None,
+        HAS_Z=z is not None, BLOCK_D=block_d, BLOCK_R=triton.next_power_of_2(r), BLOCK_N=block_n, num_warps=4)
     return y

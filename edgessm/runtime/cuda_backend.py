@@ -2,9 +2,13 @@
 
 The model's own parameters are used; what changes is how a step executes:
 
-- scan, conv and state update go through libedgessm_kernels.so (``edgessm.ops.cuda_kernels``);
+- scan, conv and state update go through libedgessm_kernels.so (``edgessm.ops.cuda_kernels``), but
+  for Mamba-1's decode state update (below);
 - residual add + RMSNorm is one Triton kernel per layer (``edgessm.ops.triton_gemv.add_rmsnorm``), and
   so is Mamba-2's gated RMSNorm (``gated_rmsnorm``, reading z in place from in_proj's output);
+- Mamba-1's decode step runs dt_proj inside its state update (``dt_proj_state_update``, a Triton kernel;
+  float and W8A16 weights, W8A8 keeps the separate GEMV and CUDA kernel); its prefill and Mamba-2's
+  state update are the CUDA kernels;
 - the linear layers run as cuBLAS (``weights="float"``) or as the Triton quantized GEMV kernels
   (``"w8a16"``, ``"w4a16"``, ``"w8a8"``; formats in ``edgessm.ops.triton_gemv``). Quantized modes
   quantize every mixer projection and the LM head from the model's weights (a layer whose input size
@@ -288,12 +292,17 @@ class CudaBackend:
 
         def mixer(i: int, ly: _Layer, h: torch.Tensor) -> torch.Tensor:
             xz = ly.in_proj(h)
-            z = xz[:, di:].contiguous()
             xc = K.causal_conv1d_update(xz[:, :di].contiguous(), st.conv[i], ly.conv_w, ly.conv_b)
             dbc = ly.x_proj(xc)
-            dt = ly.dt_proj(dbc[:, :r])
-            y = K.selective_state_update(st.ssm[i], xc, dt, ly.A, dbc[:, r:r + n].contiguous(),
-                                         dbc[:, r + n:].contiguous(), ly.D, z, ly.dt_bias, True)
+            if ly.dt_proj.mode in ("float", "w8a16"):  # dt_proj inside the state update: one graph node fewer
+                w = ly.dt_proj.tensors
+                y = Q.dt_proj_state_update(st.ssm[i], xc, dbc, w[0], w[1] if len(w) > 1 else None, ly.A, ly.D,
+                                           xz[:, di:], ly.dt_bias)
+            else:  # W8A8 quantizes dt_proj's input too, which the fused kernel does not
+                dt = ly.dt_proj(dbc[:, :r])
+                y = K.selective_state_update(st.ssm[i], xc, dt, ly.A, dbc[:, r:r + n].contiguous(),
+                                             dbc[:, r + n:].contiguous(), ly.D, xz[:, di:].contiguous(), ly.dt_bias,
+                                             True)
             return ly.out_proj(y)
 
         return mixer
