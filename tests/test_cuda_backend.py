@@ -560,14 +560,15 @@ def test_gated_rmsnorm_rejects_bad_inputs() -> None:
 
 
 # ---- Mamba-1's fused dt_proj + state update ---------------------------------------------------------------
-# (batch, d_inner, dt_rank, dstate, dtype, weights, z): the 130M / 1.4B shapes, W8 weights, a batch with z a
-# column slice of in_proj's output, no z, and odd sizes (partial channel block, dt_rank and dstate not
-# powers of two)
+# (batch, d_inner, dt_rank, dstate, dtype, weights, z): the 130M / 1.4B shapes, W8 and W4 (group size
+# after "w4g") weights, a batch with z a column slice of in_proj's output, no z, and odd sizes (partial
+# channel block, dt_rank and dstate not powers of two)
 DT_UPDATE_CASES = [(1, 1536, 48, 16, "float16", "float", True), (2, 4096, 128, 16, "bfloat16", "w8", True),
+                   (1, 4096, 128, 16, "float16", "w4g128", True), (2, 300, 48, 16, "bfloat16", "w4g16", True),
                    (2, 64, 8, 16, "float32", "float", True),
                    (3, 77, 5, 13, "float16", "w8", False), (1, 100, 160, 64, "float16", "float", True)]
 DT_UPDATE_INTERPRETER_CASES = [(1, 100, 48, 16, "float16", "float", True), (2, 77, 48, 16, "bfloat16", "w8", True),
-                               (3, 40, 5, 13, "float16", "w8", False)]
+                               (3, 40, 5, 13, "float16", "w8", False), (2, 70, 48, 16, "float16", "w4g16", True)]
 
 
 def _dt_update_errors(case: tuple, device: str) -> list:
@@ -589,6 +590,8 @@ def _dt_update_errors(case: tuple, device: str) -> list:
     if weights == "w8":
         ws = w.abs().amax(1) / 127
         weight, ws = torch.round(w / ws[:, None]).to(device=device, dtype=torch.int8), ws.to(device)
+    elif weights.startswith("w4g"):
+        weight, ws = (t.to(device) for t in Q.quantize_w4(w, int(weights[3:])))
     else:
         weight, ws = w.to(device=device, dtype=dt), None
     A = -torch.exp(torch.rand(dim, n, generator=gen) * 3).to(device)
@@ -627,8 +630,13 @@ def test_dt_proj_state_update_rejects_bad_inputs() -> None:
     h = torch.float16
     args = dict(state=torch.zeros(b, dim, n), x=torch.zeros(b, dim, dtype=h), dbc=torch.zeros(b, r + 2 * n, dtype=h),
                 weight=torch.zeros(dim, r, dtype=h), weight_scale=None, A=torch.zeros(dim, n))
-    with pytest.raises(ValueError, match=r"dbc is torch.float16 \(2, 40\) .* expected torch.float16 \(2, 36\)"):
+    with pytest.raises(ValueError, match=r"dbc is torch.float16 \(3, 36\) .* expected torch.float16 \(2, 36\)"):
+        Q.dt_proj_state_update(**{**args, "dbc": torch.zeros(3, 36, dtype=h)})
+    with pytest.raises(ValueError, match=r"weight is torch.float16 \(8, 4\) .* expected contiguous torch.float16 \(8, 8\)"):
         Q.dt_proj_state_update(**{**args, "dbc": torch.zeros(b, 40, dtype=h)})
+    with pytest.raises(ValueError, match=r"W4 weight_scale \(8, 3\) must split dt_rank 4 into groups"):
+        Q.dt_proj_state_update(**{**args, "weight": torch.zeros(dim, 2, dtype=torch.int8),
+                                  "weight_scale": torch.ones(dim, 3)})
     with pytest.raises(ValueError, match="an int8 weight needs weight_scale"):
         Q.dt_proj_state_update(**{**args, "weight": torch.zeros(dim, r, dtype=torch.int8)})
     with pytest.raises(ValueError, match=r"x is torch.float64 \(2, 8\), expected contiguous \(2, 8\) in one of"):

@@ -24,7 +24,8 @@ or bfloat16; outputs are in the activation dtype (float16 for W8A8 with int8 inp
 The norms (``add_rmsnorm``: residual add + RMSNorm; ``gated_rmsnorm``: Mamba-2's gated RMSNorm) run one
 program per row (per row and group for the gated one) and have torch references that round exactly as
 the model's modules do. ``dt_proj_state_update`` is Mamba-1's decode step after x_proj (dt_proj, then
-the selective state update) in one kernel, a [channels, dstate] state tile per program.
+the selective state update) in one kernel, a [channels, dstate] state tile per program; its dt_proj
+weight may be float, W8 or W4.
 """
 
 from __future__ import annotations
@@ -136,11 +137,19 @@ def reference_dt_proj_state_update(
     A: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None, dt_bias: torch.Tensor | None,
 ) -> torch.Tensor:
     """What ``dt_proj_state_update`` computes, as the two steps it fuses: ``dt = dt_proj(dbc[:, :R])`` (the
-    float or W8 weight, no bias) rounded to x's dtype, then edgessm.ops.scan.selective_state_update with
+    float, W8 or W4 weight, no bias; the scales applied as the GEMV kernels apply them) rounded to x's dtype, then edgessm.ops.scan.selective_state_update with
     softplus; ``state`` is updated in place, y returned."""
-    r, n = weight.shape[1], A.shape[1]
-    acc = dbc[:, :r].float() @ weight.float().T  # the scale after the sum, as the W8 GEMV applies it
-    dt = (acc if weight_scale is None else acc * weight_scale.float()).to(x.dtype)
+    n = A.shape[1]
+    r = dbc.shape[1] - 2 * n
+    u = dbc[:, :r].float()
+    if weight_scale is not None and weight_scale.dim() == 2:  # W4: each group's sum times its scale
+        groups = weight_scale.shape[1]
+        q = unpack_int4(weight).float().view(weight.shape[0], groups, r // groups)
+        acc = ((u.view(u.shape[0], 1, groups, r // groups) * q).sum(-1) * weight_scale.float()).sum(-1)
+    else:  # float or W8: the scale after the sum, as the W8 GEMV applies it
+        acc = u @ weight.float().T
+        acc = acc if weight_scale is None else acc * weight_scale.float()
+    dt = acc.to(x.dtype)
     y, new = scan_ops.selective_state_update(state, x, dt, A, dbc[:, r:r + n], dbc[:, r + n:r + 2 * n], D, z, dt_bias,
                                              True)
     state.copy_(new)
@@ -459,8 +468,8 @@ if triton is not None:
     def _dt_state_update_kernel(
         state_ptr, x_ptr, dbc_ptr, w_ptr, ws_ptr, bias_ptr, A_ptr, D_ptr, z_ptr, y_ptr,
         DIM, R, N, stride_dbc, stride_z,
-        W8: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+        W8: tl.constexpr, W4: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr,
+        HAS_Z: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         # program (channel block, batch row): every load first, then dt = dt_proj(dbc[:R]) rounded to the
         # io dtype as the separate GEMV rounds it, then the selective state update of the block's rows
@@ -471,8 +480,16 @@ if triton is not None:
         md, mr, mn = rd < DIM, rr < R, rn < N
         m2 = md[:, None] & mn[None, :]
         dbc = dbc_ptr + b * stride_dbc
-        u = tl.load(dbc + rr, mask=mr, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + rd[:, None] * R + rr[None, :], mask=md[:, None] & mr[None, :], other=0.0).to(tl.float32)
+        if W4:  # packed nibbles: byte j of a row holds inputs 2j (low) and 2j + 1 (high)
+            rj = tl.arange(0, BLOCK_R // 2)
+            mj = md[:, None] & (rj < R // 2)[None, :]
+            packed = tl.load(w_ptr + rd[:, None] * (R // 2) + rj[None, :], mask=mj, other=0).to(tl.int32)
+            u_even = tl.load(dbc + 2 * rj, mask=rj < R // 2, other=0.0).to(tl.float32)
+            u_odd = tl.load(dbc + 2 * rj + 1, mask=rj < R // 2, other=0.0).to(tl.float32)
+            w_scale = tl.load(ws_ptr + rd[:, None] * (R // GROUP) + (2 * rj[None, :]) // GROUP, mask=mj, other=0.0)
+        else:
+            u = tl.load(dbc + rr, mask=mr, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + rd[:, None] * R + rr[None, :], mask=md[:, None] & mr[None, :], other=0.0).to(tl.float32)
         s_off = (b * DIM + rd)[:, None] * N + rn[None, :]
         h = tl.load(state_ptr + s_off, mask=m2, other=0.0)
         A = tl.load(A_ptr + rd[:, None] * N + rn[None, :], mask=m2, other=0.0)
@@ -480,9 +497,14 @@ if triton is not None:
         Cv = tl.load(dbc + R + N + rn, mask=mn, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + b * DIM + rd, mask=md, other=0.0).to(tl.float32)
         io = y_ptr.dtype.element_ty
-        acc = tl.sum(w * u[None, :], axis=1)
-        if W8:
-            acc = acc * tl.load(ws_ptr + rd, mask=md, other=0.0)
+        if W4:
+            lo = (((packed & 0xF) ^ 8) - 8).to(tl.float32)
+            hi = ((((packed >> 4) & 0xF) ^ 8) - 8).to(tl.float32)
+            acc = tl.sum((lo * u_even[None, :] + hi * u_odd[None, :]) * w_scale, axis=1)
+        else:
+            acc = tl.sum(w * u[None, :], axis=1)
+            if W8:
+                acc = acc * tl.load(ws_ptr + rd, mask=md, other=0.0)
         dt = acc.to(io).to(tl.float32)
         if HAS_BIAS:
             dt = dt + tl.load(bias_ptr + rd, mask=md, other=0.0)
@@ -775,8 +797,9 @@ def dt_proj_state_update(
     Separately they are two CUDA-graph nodes per layer, each costing more than its work; dt_proj is R
     (dt_rank) multiply-adds per channel, so each program computes its channels' dt itself.
     state [B, DIM, N] float32 contiguous; x [B, DIM] float16/bfloat16/float32 contiguous; dbc [B, R + 2N] (x_proj's
-    output: dt input, B, C) in x's dtype, unit stride along its row; weight [DIM, R]: in x's dtype, or int8
-    with ``weight_scale`` float32 [DIM] (the W8 format); A [DIM, N], D, dt_bias [DIM] float32; z [B, DIM] in
+    output: dt input, B, C) in x's dtype, unit stride along its row, R = dt_rank; weight: [DIM, R] in x's
+    dtype, or the W8 format (int8 [DIM, R], ``weight_scale`` float32 [DIM]) or the W4 one (packed int8
+    [DIM, R / 2], ``weight_scale`` float32 [DIM, R / group_size]; see the module docstring); A [DIM, N], D, dt_bias [DIM] float32; z [B, DIM] in
     x's dtype with unit stride along DIM (any row stride). Rounding follows reference_dt_proj_state_update
     but for float32 ulps (the order of dt's sum, exp, log).
     """
@@ -784,9 +807,9 @@ def dt_proj_state_update(
     if state.dim() != 3 or A.dim() != 2:
         raise ValueError(f"{name}: state {tuple(state.shape)} must be [B, DIM, N] and A {tuple(A.shape)} [DIM, N]")
     b, dim, n = state.shape
-    if weight.dim() != 2 or weight.shape[0] != dim:
-        raise ValueError(f"{name}: weight is {tuple(weight.shape)}, expected [{dim}, dt_rank]")
-    r = weight.shape[1]
+    if dbc.dim() != 2 or dbc.shape[1] <= 2 * n:
+        raise ValueError(f"{name}: dbc is {tuple(dbc.shape)}, expected [B, dt_rank + 2 * {n}]")
+    r = dbc.shape[1] - 2 * n
     if x.dtype not in _NORM_DTYPES or tuple(x.shape) != (b, dim) or not x.is_contiguous():
         raise ValueError(f"{name}: x is {x.dtype} {tuple(x.shape)}, expected contiguous {(b, dim)} in one of "
                          f"{_NORM_DTYPES}")
@@ -796,13 +819,18 @@ def dt_proj_state_update(
     if z is not None and (tuple(z.shape) != (b, dim) or z.dtype != x.dtype or z.stride(1) != 1):
         raise ValueError(f"{name}: z is {z.dtype} {tuple(z.shape)} with strides {z.stride()}, expected {x.dtype} "
                          f"{(b, dim)} with unit stride along DIM")
-    w8 = weight.dtype == torch.int8
-    _check_param(name, "weight", weight, (dim, r), torch.int8 if w8 else x.dtype, x.device)
-    if w8 != (weight_scale is not None):
+    quantized = weight.dtype == torch.int8
+    if quantized != (weight_scale is not None):
         raise ValueError(f"{name}: an int8 weight needs weight_scale and a float one takes none; the weight is "
                          f"{weight.dtype}, weight_scale {'given' if weight_scale is not None else 'None'}")
-    if w8:
-        _check_param(name, "weight_scale", weight_scale, (dim,), torch.float32, x.device)
+    w4 = quantized and weight_scale.dim() == 2
+    groups = weight_scale.shape[1] if w4 else 1
+    if w4 and (groups < 1 or r % groups or (r // groups) % 2):
+        raise ValueError(f"{name}: a W4 weight_scale {tuple(weight_scale.shape)} must split dt_rank {r} into groups "
+                         f"of an even size")
+    _check_param(name, "weight", weight, (dim, r // 2 if w4 else r), torch.int8 if quantized else x.dtype, x.device)
+    if quantized:
+        _check_param(name, "weight_scale", weight_scale, (dim, groups) if w4 else (dim,), torch.float32, x.device)
     _check_param(name, "state", state, (b, dim, n), torch.float32, x.device)
     _check_param(name, "A", A, (dim, n), torch.float32, x.device)
     for what, t in (("D", D), ("dt_bias", dt_bias)):
@@ -814,6 +842,7 @@ def dt_proj_state_update(
     block_d = max(4, min(32, 512 // block_n))  # a [block_d, block_n] state tile of <= 4 values per thread
     _dt_state_update_kernel[(triton.cdiv(dim, block_d), b)](
         state, x, dbc, weight, weight_scale, dt_bias, A, D, z, y, dim, r, n, dbc.stride(0),
-        0 if z is None else z.stride(0), W8=w8, HAS_BIAS=dt_bias is not None, HAS_D=D is not None,
-        HAS_Z=z is not None, BLOCK_D=block_d, BLOCK_R=triton.next_power_of_2(r), BLOCK_N=block_n, num_warps=4)
+        0 if z is None else z.stride(0), W8=quantized and not w4, W4=w4, GROUP=r // groups, HAS_BIAS=dt_bias is not None,
+        HAS_D=D is not None, HAS_Z=z is not None, BLOCK_D=block_d, BLOCK_R=max(2, triton.next_power_of_2(r)),
+        BLOCK_N=block_n, num_warps=4)
     return y

@@ -7,7 +7,7 @@ The model's own parameters are used; what changes is how a step executes:
 - residual add + RMSNorm is one Triton kernel per layer (``edgessm.ops.triton_gemv.add_rmsnorm``), and
   so is Mamba-2's gated RMSNorm (``gated_rmsnorm``, reading z in place from in_proj's output);
 - Mamba-1's decode step runs dt_proj inside its state update (``dt_proj_state_update``, a Triton kernel;
-  float and W8A16 weights, W8A8 keeps the separate GEMV and CUDA kernel); its prefill and Mamba-2's
+  float, W8 and W4 weights; W8A8 keeps the separate GEMV and CUDA kernel); its prefill and Mamba-2's
   state update are the CUDA kernels;
 - the linear layers run as cuBLAS (``weights="float"``) or as the Triton quantized GEMV kernels
   (``"w8a16"``, ``"w4a16"``, ``"w8a8"``; formats in ``edgessm.ops.triton_gemv``). Quantized modes
@@ -294,7 +294,7 @@ class CudaBackend:
             xz = ly.in_proj(h)
             xc = K.causal_conv1d_update(xz[:, :di].contiguous(), st.conv[i], ly.conv_w, ly.conv_b)
             dbc = ly.x_proj(xc)
-            if ly.dt_proj.mode in ("float", "w8a16"):  # dt_proj inside the state update: one graph node fewer
+            if ly.dt_proj.mode != "w8a8":  # dt_proj inside the state update: one graph node fewer
                 w = ly.dt_proj.tensors
                 y = Q.dt_proj_state_update(st.ssm[i], xc, dbc, w[0], w[1] if len(w) > 1 else None, ly.A, ly.D,
                                            xz[:, di:], ly.dt_bias)
