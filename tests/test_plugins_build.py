@@ -84,6 +84,14 @@ def test_unsupported_sizes_are_rejected_on_the_host(kernels_lib: Path) -> None:
                 1, 4, 16, 8, None) == CUDA_ERROR_INVALID_VALUE  # f16 in, f32 out
     assert scan(3, 1, dummy, dummy, dummy, dummy, dummy, None, None, None, 1, None, None, dummy, None,
                 1, 4, 16, 8, None) == CUDA_ERROR_INVALID_VALUE  # int8 without scales
+    upd = lib.essm_selective_state_update
+    upd.argtypes = [I, I, P, P, P, P, P, P, P, P, P, I, P, P, P, I, I, I, P]
+    assert upd(0, 0, dummy, dummy, dummy, dummy, dummy, dummy, None, None, None, 1, None, dummy, dummy,
+               1, 4, 257, None) == CUDA_ERROR_INVALID_VALUE  # dstate above the decode kernels' 256
+    ssd_upd = lib.essm_ssd_state_update
+    ssd_upd.argtypes = [I, I, P, P, P, P, P, P, P, P, I, F, F, P, P, P, I, I, I, I, I, P]
+    assert ssd_upd(0, 0, dummy, dummy, dummy, dummy, dummy, dummy, None, None, 1, 0.0, math.inf, None, dummy, dummy,
+                   1, 2, 4, 1, 272, None) == CUDA_ERROR_INVALID_VALUE  # dstate above 256
     conv = lib.essm_causal_conv1d_fwd
     conv.argtypes = [I, P, P, P, I, P, P, I, I, I, I, P]
     assert conv(0, dummy, dummy, None, 1, dummy, None, 1, 4, 8, 9, None) == CUDA_ERROR_INVALID_VALUE  # width 9

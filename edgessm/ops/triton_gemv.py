@@ -799,9 +799,9 @@ def dt_proj_state_update(
     state [B, DIM, N] float32 contiguous; x [B, DIM] float16/bfloat16/float32 contiguous; dbc [B, R + 2N] (x_proj's
     output: dt input, B, C) in x's dtype, unit stride along its row, R = dt_rank; weight: [DIM, R] in x's
     dtype, or the W8 format (int8 [DIM, R], ``weight_scale`` float32 [DIM]) or the W4 one (packed int8
-    [DIM, R / 2], ``weight_scale`` float32 [DIM, R / group_size]; see the module docstring); A [DIM, N], D, dt_bias [DIM] float32; z [B, DIM] in
-    x's dtype with unit stride along DIM (any row stride). Rounding follows reference_dt_proj_state_update
-    but for float32 ulps (the order of dt's sum, exp, log).
+    [DIM, R / 2], ``weight_scale`` float32 [DIM, R / group_size]; see the module docstring); A [DIM, N],
+    D, dt_bias [DIM] float32; z [B, DIM] in x's dtype with unit stride along DIM (any row stride).
+    Rounding follows reference_dt_proj_state_update but for float32 ulps (the order of dt's sum, exp, log).
     """
     name = "dt_proj_state_update"
     if state.dim() != 3 or A.dim() != 2:
@@ -813,7 +813,7 @@ def dt_proj_state_update(
     if x.dtype not in _NORM_DTYPES or tuple(x.shape) != (b, dim) or not x.is_contiguous():
         raise ValueError(f"{name}: x is {x.dtype} {tuple(x.shape)}, expected contiguous {(b, dim)} in one of "
                          f"{_NORM_DTYPES}")
-    if tuple(dbc.shape) != (b, r + 2 * n) or dbc.dtype != x.dtype or dbc.stride(1) != 1:
+    if dbc.shape[0] != b or dbc.dtype != x.dtype or dbc.stride(1) != 1:  # (its width gave dt_rank)
         raise ValueError(f"{name}: dbc is {dbc.dtype} {tuple(dbc.shape)} with strides {dbc.stride()}, expected "
                          f"{x.dtype} {(b, r + 2 * n)} (dt_rank + 2 dstate) with unit stride along the row")
     if z is not None and (tuple(z.shape) != (b, dim) or z.dtype != x.dtype or z.stride(1) != 1):

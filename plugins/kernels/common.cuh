@@ -192,11 +192,10 @@ struct DecodeShape {
 };
 
 // Calls f(std::integral_constant<int, kPer>{}, std::integral_constant<int, kVec>{}) for `shape`
-// (kPer rounded up to a power of two: at most 8 / kVec, since dstate <= 256 and lanes <= 32);
-// cudaErrorInvalidValue above kMaxDecodeStates.
+// (kPer rounded up to a power of two: at most 8 / kVec, since the launchers reject dstate above
+// kMaxDecodeStates and lanes <= 32).
 template <typename F>
-cudaError_t with_decode_shape(int dstate, const DecodeShape& shape, F&& f) {
-  if (dstate > kMaxDecodeStates) return cudaErrorInvalidValue;
+cudaError_t with_decode_shape(const DecodeShape& shape, F&& f) {
   using V1 = std::integral_constant<int, 1>;
   using V4 = std::integral_constant<int, 4>;
   if (shape.vec == 4)

@@ -930,9 +930,9 @@ extern "C" cudaError_t essm_selective_state_update(
     const void* z, const float* dt_bias, int dt_softplus, const essm_scan_scales* scales, void* y,
     float* state_out, int batch, int dim, int dstate, cudaStream_t stream) {
   using namespace essm;
-  if (batch <= 0 || dim <= 0 || dstate <= 0 || state_in == nullptr || x == nullptr ||
-      dt == nullptr || A == nullptr || Bm == nullptr || Cm == nullptr || y == nullptr ||
-      state_out == nullptr || !scan_scales_ok(in_dtype, scales))
+  if (batch <= 0 || dim <= 0 || dstate <= 0 || dstate > kMaxDecodeStates || state_in == nullptr ||
+      x == nullptr || dt == nullptr || A == nullptr || Bm == nullptr || Cm == nullptr ||
+      y == nullptr || state_out == nullptr || !scan_scales_ok(in_dtype, scales))
     return cudaErrorInvalidValue;
   const bool q = in_dtype == ESSM_I8;
   const StateUpdateArgs a{state_in,
@@ -959,7 +959,7 @@ extern "C" cudaError_t essm_selective_state_update(
   const int64_t threads = static_cast<int64_t>(batch) * dim * shape.lanes;
   if (threads > kMaxDecodeThreads) return cudaErrorInvalidValue;
   return dispatch_in_out(in_dtype, out_dtype, [&](auto ti, auto to) {
-    return with_decode_shape(dstate, shape, [&](auto per, auto vec) {
+    return with_decode_shape(shape, [&](auto per, auto vec) {
       selective_state_update_kernel<decltype(ti), decltype(to), decltype(per)::value, decltype(vec)::value>
           <<<ceil_div(threads, kDecodeThreads), kDecodeThreads, 0, stream>>>(a, shape.lanes);
       return launch_status();

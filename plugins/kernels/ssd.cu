@@ -1555,9 +1555,9 @@ extern "C" cudaError_t essm_ssd_state_update(essm_dtype in_dtype, essm_dtype out
                                              float* state_out, int batch, int nheads, int headdim,
                                              int ngroups, int dstate, cudaStream_t stream) {
   using namespace essm;
-  if (!ssd_sizes_ok(batch, nheads, headdim, ngroups, dstate) || state_in == nullptr ||
-      state_out == nullptr || x == nullptr || dt == nullptr || A == nullptr || Bm == nullptr ||
-      Cm == nullptr || y == nullptr || !ssd_scales_ok(in_dtype, scales))
+  if (!ssd_sizes_ok(batch, nheads, headdim, ngroups, dstate) || dstate > kMaxDecodeStates ||
+      state_in == nullptr || state_out == nullptr || x == nullptr || dt == nullptr || A == nullptr ||
+      Bm == nullptr || Cm == nullptr || y == nullptr || !ssd_scales_ok(in_dtype, scales))
     return cudaErrorInvalidValue;
   const SsdArgs a = make_ssd_args(in_dtype, x, dt, A, Bm, Cm, Dskip, dt_bias, dt_softplus, dt_min,
                                   dt_max, scales, nullptr, y, nullptr, batch, 1, nheads, headdim,
@@ -1566,7 +1566,7 @@ extern "C" cudaError_t essm_ssd_state_update(essm_dtype in_dtype, essm_dtype out
   const int64_t threads = static_cast<int64_t>(batch) * nheads * headdim * shape.lanes;
   if (threads > kMaxDecodeThreads) return cudaErrorInvalidValue;
   return dispatch_in_out(in_dtype, out_dtype, [&](auto ti, auto to) {
-    return with_decode_shape(dstate, shape, [&](auto per, auto vec) {
+    return with_decode_shape(shape, [&](auto per, auto vec) {
       ssd_state_update_kernel<decltype(ti), decltype(to), decltype(per)::value, decltype(vec)::value>
           <<<ceil_div(threads, kSsdDecodeThreads), kSsdDecodeThreads, 0, stream>>>(
               state_in, state_out, a, shape.lanes);
