@@ -12,7 +12,8 @@
 # benchmarks/gpu_decode.py with these arguments in both trees), SKIP_CHECK=1 (no correctness run),
 # SKIP_KERNEL_BENCH=1 (no kernel benchmark: for patches outside plugins/), B_TESTS (pytest files run
 # in tree B against its kernels, e.g. tests/test_cuda_backend.py), TensorRT_ROOT (TensorRT headers:
-# also run the TensorRT plugin harness on tree B, whose plugins call the patched launchers).
+# also run the TensorRT plugin harness on tree B, whose plugins call the patched launchers),
+# B_BENCH_ARGS (more benchmark arguments for tree B only, e.g. "--kernel-times --ssd-variants '0,0 4,2,4'").
 # Results: $OUT/{a,b}{1,2}/bench_kernels.json, $OUT/b/check_kernels.json, $OUT/{a,b}/gpu_decode.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -69,17 +70,17 @@ if [ -n "${TensorRT_ROOT:-}" ]; then
   tail -1 "$OUT/b/trt_harness.log"
 fi
 
-bench() {  # bench NAME TREE LIB
+bench() {  # bench NAME TREE LIB [EXTRA ARGS, as one shell-quoted string]
   mkdir -p "$OUT/$1"
   echo "== kernel benchmark $1"
-  "$PYTHON" "$2/plugins/harness/bench_kernels.py" --lib "$3" "${only_args[@]}" --json "$OUT/$1/bench_kernels.json" \
+  eval "\"\$PYTHON\" \"\$2/plugins/harness/bench_kernels.py\" --lib \"\$3\" \"\${only_args[@]}\" --json \"\$OUT/\$1/bench_kernels.json\" ${4:-}" \
     2>&1 | tee "$OUT/$1/bench_kernels.log" || status=1
 }
 if [ "${SKIP_KERNEL_BENCH:-0}" != 1 ]; then
   bench a1 "$tree_a" "$lib_a"
-  bench b1 "$tree_b" "$lib_b"
+  bench b1 "$tree_b" "$lib_b" "${B_BENCH_ARGS:-}"
   bench a2 "$tree_a" "$lib_a"
-  bench b2 "$tree_b" "$lib_b"
+  bench b2 "$tree_b" "$lib_b" "${B_BENCH_ARGS:-}"
 fi
 
 if [ -n "${DECODE_ARGS:-}" ]; then

@@ -16,6 +16,7 @@ R=$PWD
 P=$(realpath "${1:?usage: tools/gpu_ab_head.sh PATCH}")
 : "${OUT_DIR:?set OUT_DIR (where the logs go)}"
 rm -rf /tmp/ab_a && mkdir -p /tmp/ab_a && tar -xf ab/head.tar -C /tmp/ab_a && cd /tmp/ab_a || exit 2
+cp "$R/tools/gpu_ab.sh" tools/gpu_ab.sh  # this tree's A/B driver (its options), on tree A's files
 export TensorRT_ROOT=${TensorRT_ROOT-$R/third_party/TensorRT} OUT=/tmp/ab_out
 bash tools/gpu_ab.sh "$P" > /tmp/ab.log 2>&1
 echo "gpu_ab rc=$?"

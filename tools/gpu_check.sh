@@ -9,7 +9,9 @@
 # python3), CUDA_ARCHS (default "87;90"), SKIP_BENCH=1 to stop after the correctness harness,
 # PROFILE=1 to add an Nsight Compute report of the headline kernels ($OUT/ncu.txt),
 # TensorRT_ROOT (TensorRT headers; enables the plugin harness), TRT_BUILD_DIR, PEER (a folder made by
-# tools/peer_mamba_ssm.sh: the benchmark also times mamba_ssm's Triton kernels on the same inputs).
+# tools/peer_mamba_ssm.sh: the benchmark also times mamba_ssm's Triton kernels on the same inputs),
+# CHECK_ARGS / BENCH_ARGS (more arguments for the harness / the benchmark, e.g. CHECK_ARGS="--only ssd"
+# BENCH_ARGS="--only ssd --kernel-times --ssd-variants '0,0 4,2,1 4,2,4'").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,11 +34,11 @@ LIB="$BUILD_DIR/libedgessm_kernels.so"
 
 status=0
 echo "== kernel correctness harness"
-"$PYTHON" plugins/harness/check_kernels.py --lib "$LIB" --json "$OUT/check_kernels.json" 2>&1 | tee "$OUT/check_kernels.log" || status=1
+eval "\"\$PYTHON\" plugins/harness/check_kernels.py --lib \"\$LIB\" --json \"\$OUT/check_kernels.json\" ${CHECK_ARGS:-}" 2>&1 | tee "$OUT/check_kernels.log" || status=1
 
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   echo "== kernel benchmark"
-  "$PYTHON" plugins/harness/bench_kernels.py --lib "$LIB" --json "$OUT/bench_kernels.json" ${PEER:+--peer "$PEER"} \
+  eval "\"\$PYTHON\" plugins/harness/bench_kernels.py --lib \"\$LIB\" --json \"\$OUT/bench_kernels.json\" ${PEER:+--peer \"\$PEER\"} ${BENCH_ARGS:-}" \
     2>&1 | tee "$OUT/bench_kernels.log" || status=1
 fi
 

@@ -22,6 +22,7 @@ import argparse
 import logging
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -116,12 +117,45 @@ def int8_scan_scales(dim: int, in_dt: int) -> tuple[ScanScales | None, torch.Ten
     return scan_scales(values[:dim], values[dim:]), values
 
 
+def short_kernel_name(name: str) -> str:
+    """A profiler kernel name without its namespaces, return type and arguments: "ssd_mma_kernel<__half,
+    __half, 128, 1, true>"."""
+    m = re.search(r"(\w+(?:<[^()]*>)?)\((?!anonymous)", name)
+    return m.group(1) if m else name
+
+
+def parse_ssd_variants(text: str) -> list[tuple[int, ...]]:
+    """'0,0 4,2,1' -> [(0, 0), (4, 2, 1)]: SSD forms as (variant, segments[, pieces])."""
+    out = []
+    for item in text.split():
+        try:
+            v = tuple(int(x) for x in item.split(","))
+        except ValueError:
+            v = ()
+        if not 2 <= len(v) <= 3:
+            raise argparse.ArgumentTypeError(f"SSD form {item!r}: expected integers VARIANT,SEGMENTS[,PIECES]")
+        out.append(v)
+    return out
+
+
+def ssd_variant_label(v: tuple[int, ...]) -> str:
+    """The label of an SSD form: its SSD_VARIANTS label, or one built the same way."""
+    if v in SSD_VARIANTS:
+        return SSD_VARIANTS[v]
+    label = SSD_VARIANTS[(v[0], 0 if v[0] < 4 else 1)]
+    label += f"/S{v[1]}" if v[1] > 1 else ""
+    return label + (f"/P{v[2]}" if len(v) > 2 and v[2] > 0 else "")
+
+
 class Bench:
-    def __init__(self, lib: KernelLib, reps: int, profile: bool = False, peer: MambaSsmPeer | None = None) -> None:
+    def __init__(self, lib: KernelLib, reps: int, profile: bool = False, peer: MambaSsmPeer | None = None,
+                 kernel_times: bool = False) -> None:
         self.lib = lib
         self.peer = peer
         self.reps = reps
         self.profile = profile  # one launch per kernel, no eager baselines (for running under ncu)
+        self.kernel_times = kernel_times  # SSD rows: each launched kernel's own GPU time in the note
+        self.ssd_variants: dict[tuple[int, ...], str] = dict(SSD_VARIANTS)  # the SSD forms timed
         self.rows: list[Row] = []
         self.copy_gbps = 0.0
         self.gen = torch.Generator(device="cuda").manual_seed(1234)
@@ -313,6 +347,25 @@ class Bench:
             return time_ms(run, 1, 0)
         return self.graph_ms(lambda: [run(i) for i in range(copies)]) / copies
 
+    def kernels_us(self, run: Callable[[int], None], copies: int, calls: int = 20) -> str:
+        """The GPU time of each kernel that one run(i) launches, from the torch profiler (CUPTI), as
+        "name: µs per call" items: which pass of a multi-kernel launch the time goes to."""
+        for i in range(3):
+            run(i % copies)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for i in range(calls):
+                run(i % copies)
+            torch.cuda.synchronize()
+        times: dict[str, float] = {}
+        for ev in prof.key_averages():
+            us = getattr(ev, "device_time_total", None)
+            if us is None:
+                us = ev.cuda_time_total
+            if us > 0:
+                times[short_kernel_name(ev.key)] = times.get(short_kernel_name(ev.key), 0.0) + us / calls
+        return ", ".join(f"{k}: {v:.1f} us" for k, v in sorted(times.items()))
+
     def graph_ms(self, body: Callable[[], None]) -> float:
         """Median ms of one replay of a CUDA graph capturing `body`."""
         side = torch.cuda.Stream()
@@ -367,11 +420,13 @@ class Bench:
         q, chunks = 64, b * h * math.ceil(seqlen / 64)
         flops = 2 * chunks * (q * (q + 1) // 2 * (n + p) + 2 * q * n * p)
         tensor = ("tensor", self.unit_floor_ms(flops, TENSOR_F16_FLOPS_PER_CLK_SM))
-        for variant, label in SSD_VARIANTS.items():
+        for variant, label in self.ssd_variants.items():
             with self.lib.forced_ssd_variant(variant):
                 ws = self.lib.ssd_workspace(ESSM_F16, b, seqlen, h, p, n)
                 ms = self.kernel_ms(run, len(sets))
-            self.add("ssd_prefill", config, dname, label, ms, nbytes, eager, note, tensor, peer_ms)
+                parts = self.kernels_us(run, len(sets)) if self.kernel_times else ""
+            self.add("ssd_prefill", config, dname, label, ms, nbytes, eager, "; ".join(filter(None, [note, parts])),
+                     tensor, peer_ms)
 
     def ssd_peer(self, sets: list[dict], A: torch.Tensor, Dk: torch.Tensor, db: torch.Tensor,
                  state0: torch.Tensor) -> tuple[float, str]:
@@ -521,6 +576,11 @@ def main() -> int:
     parser.add_argument("--only", default=None,
                         help="comma-separated sections to time (scan, state_update, ssd_state_update, ssd, hadamard); "
                              "default all")
+    parser.add_argument("--kernel-times", action="store_true",
+                        help="SSD rows: also each launched kernel's GPU time (torch profiler), in the note")
+    parser.add_argument("--ssd-variants", type=parse_ssd_variants, default=None, metavar="V,S[,P] ...",
+                        help="SSD forms to time instead of the usual set, space-separated (variant, segments "
+                             "and pass-1 pieces as in essm_lib.SSD_VARIANTS), e.g. '0,0 4,2,1 4,2,4'")
     parser.add_argument("--peer", type=Path, default=None,
                         help="folder made by tools/peer_mamba_ssm.sh: also time mamba_ssm's Triton kernels")
     args = parser.parse_args()
@@ -529,7 +589,9 @@ def main() -> int:
         log.error("no CUDA device: the kernel benchmark needs a GPU")
         return 2
     peer = load_mamba_ssm(args.peer) if args.peer is not None else None
-    bench = Bench(KernelLib(args.lib), 1 if args.profile else args.reps, args.profile, peer)
+    bench = Bench(KernelLib(args.lib), 1 if args.profile else args.reps, args.profile, peer, args.kernel_times)
+    if args.ssd_variants:
+        bench.ssd_variants = {v: ssd_variant_label(v) for v in args.ssd_variants}
     bench.copy_bandwidth()
     if args.profile:
         bench.scan(1, 1536, 16, 2048, ESSM_F16)  # auto: the segmented sequential kernel

@@ -250,7 +250,7 @@ class Checker:
         return dict(dev=dict(x=x, B=bm, C=cm), vals=dict(x=x64, B=b64, C=c64), scales=None, keep=None)
 
     def ssd(self, batch: int, seqlen: int, nheads: int, headdim: int, ngroups: int, dstate: int, in_dt: int,
-            out_dt: int, *, init: bool, clamp: bool, variant: tuple[int, int] = (0, 0), workspace: bool = True,
+            out_dt: int, *, init: bool, clamp: bool, variant: tuple[int, ...] = (0, 0), workspace: bool = True,
             softplus: bool = True) -> None:
         """One SSD prefill under `variant` (SSD_VARIANTS), with the workspace its split asks for (filled
         with NaN bytes), or none (`workspace=False`: the launcher must then not split). `softplus=False`

@@ -38,15 +38,17 @@ CUDA_ERROR_INVALID_VALUE = 1
 
 DEFAULT_LIB = Path(__file__).resolve().parents[2] / "build" / "plugins" / "libedgessm_kernels.so"
 
-# SSD prefill forms (essm_tuning_set_ssd_variant): (variant, segments) -> label. "auto" is the
-# launcher's own choice (for 16-bit outputs the register-resident mma.sync chunked form where
-# dstate <= 128, with 4 or 8 warps by occupancy and its sequence split into as many segments as
-# fill the GPU, else the WMMA chunked form); "wmma/<warps>w" and "mma/<warps>w[/S<segments>]" force
-# a chunked form, its warps per block and (mma) the segments each sequence is split into (the mma
-# form only where it applies: dstate <= 128; never more segments than chunks). Float32 outputs
-# always take the direct form.
+# SSD prefill forms (essm_tuning_set_ssd_variant, essm_tuning_set_ssd_pieces): (variant, segments[,
+# pieces]) -> label. "auto" is the launcher's own choice (for 16-bit outputs the register-resident
+# mma.sync chunked form where dstate <= 128, with 4 or 8 warps by occupancy and its sequence split
+# into as many segments as fill the GPU, each cut into as many state-only pieces as fill it in pass
+# 1, else the WMMA chunked form); "wmma/<warps>w" and "mma/<warps>w[/S<segments>[/P<pieces>]]" force
+# a chunked form, its warps per block and (mma) the segments each sequence is split into and the
+# pass-1 pieces per segment (the mma form only where it applies: dstate <= 128; never more segments
+# than chunks, nor pieces than a segment's chunks). Float32 outputs always take the direct form.
 SSD_VARIANTS = {(0, 0): "auto", (1, 0): "direct", (2, 0): "wmma/8w", (3, 0): "wmma/16w", (4, 1): "mma/4w",
-                (5, 1): "mma/8w", (4, 2): "mma/4w/S2", (4, 4): "mma/4w/S4", (4, 8): "mma/4w/S8", (5, 3): "mma/8w/S3"}
+                (5, 1): "mma/8w", (4, 2): "mma/4w/S2", (4, 4): "mma/4w/S4", (4, 8): "mma/4w/S8", (5, 3): "mma/8w/S3",
+                (4, 2, 1): "mma/4w/S2/P1", (4, 4, 1): "mma/4w/S4/P1", (4, 3, 5): "mma/4w/S3/P5"}
 
 
 class KernelError(RuntimeError):
@@ -103,6 +105,7 @@ _SIGNATURES: dict[str, list[Any]] = {
     "essm_hadamard_transform": [_I, _I, _P, _P, _I, _F, _F, _P, _I64, _I, _P],
     "essm_tuning_set_scan_variant": [_I, _I],
     "essm_tuning_set_ssd_variant": [_I, _I],
+    "essm_tuning_set_ssd_pieces": [_I],
 }
 _RESTYPES: dict[str, Any] = {"essm_ssd_scan_workspace_size": ctypes.c_size_t}
 
@@ -148,18 +151,20 @@ class KernelLib:
         single-segment one-barrier kernel (dstate <= 16). Returns the variant in force."""
         return int(self._lib.essm_tuning_set_scan_variant(variant, segments))
 
-    def set_ssd_variant(self, variant: int, segments: int = 0) -> int:
+    def set_ssd_variant(self, variant: int, segments: int = 0, pieces: int = 0) -> int:
         """Force the SSD prefill form (ssd.cu; labels in SSD_VARIANTS): 0 by output dtype and dstate
         (16-bit outputs: the register-resident chunked form for dstate <= 128 with 4 or 8 warps by
         occupancy, else the WMMA chunked form with 8 or 16; float32: the direct recurrence), 1 the
         direct recurrence always, 2 / 3 the WMMA chunked form with 8 / 16 warps, 4 / 5 the
         register-resident form with 4 / 8 warps (16-bit outputs); `segments` (1..32) forces the
-        register-resident form's sequence split (0: as many segments as fill the GPU). Returns the
-        variant in force."""
+        register-resident form's sequence split (0: as many segments as fill the GPU) and `pieces`
+        (1..32) the state-only pieces per segment of its pass 1 (0: as many as fill the GPU).
+        Returns the variant in force."""
+        self._lib.essm_tuning_set_ssd_pieces(pieces)
         return int(self._lib.essm_tuning_set_ssd_variant(variant, segments))
 
     @contextlib.contextmanager
-    def forced_ssd_variant(self, variant: tuple[int, int]) -> Iterator[None]:
+    def forced_ssd_variant(self, variant: tuple[int, ...]) -> Iterator[None]:
         """Runs the block with the SSD prefill form (variant, segments) forced, then back to the
         launcher's own choice."""
         self.set_ssd_variant(*variant)

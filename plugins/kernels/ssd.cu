@@ -622,15 +622,24 @@ constexpr int kTokenVectors = 4;  // per-token vectors of a chunk (see ssd_mma_k
 
 // Sequence split of the register-resident form (docs/kernels.md, "sequence split"): each (batch,
 // head, column tile) walks `segments` segments of seg_len tokens (a multiple of kChunk, so chunks
-// are those of the unsplit walk) in separate blocks. Pass 1 (kStateOnly) runs the state update
-// alone over segments 0 .. segments - 2 from a zero state and writes their end states and total
-// decays; pass 2 starts segment s from the initial state carried through segments < s.
+// are those of the unsplit walk) in separate blocks. Pass 1 (kStateOnly) cuts each of segments
+// 0 .. segments - 2 into `pieces` pieces of piece_len tokens (whole chunks; the last piece of a
+// segment may be shorter), runs the state update alone over each piece from a zero state in its
+// own block and writes the piece's end state and total decay; pass 2 starts segment s from the
+// initial state carried through the pieces of segments < s. Pieces are what keep pass 1 short:
+// a state-only chunk step costs nearly as much time as a full one (it waits on its staging and
+// barriers), so pass 1 runs fewer chunks per block in more, smaller blocks.
 struct SegSplit {
   int segments = 1;
   int seg_len = 0;               // tokens
-  float* states = nullptr;       // [tile][segments - 1][kColTile][kN] (true scale)
-  float* log2_decay = nullptr;   // [tile][segments - 1]: sum of dt A log2(e) over the segment
+  int pieces = 1;                // pass-1 pieces per segment
+  int piece_len = 0;             // tokens
+  float* states = nullptr;       // [tile][segments - 1][pieces][kColTile][kN] (true scale)
+  float* log2_decay = nullptr;   // [tile][segments - 1][pieces]: sum of dt A log2(e) over the piece
 };
+// Pieces carried into one pass-2 segment, (segments - 1) * pieces: at most one per lane of the
+// warp that weighs them (ssd_mma_kernel).
+constexpr int kMaxCarriedPieces = 32;
 
 // Shared-memory layout (byte offsets) of ssd_mma_kernel. 16-bit operand tiles have rows padded by
 // 16 bytes, which makes every ldmatrix phase (8 rows of 16 bytes) hit 32 distinct banks.
@@ -639,22 +648,25 @@ struct MmaSmem {
   int ldN, ldP, ldNr, ldPr;
   size_t Craw, Braw, xraw, stage, C, B, x, xhi, xlo, Sh, sh_bytes, vec, bytes;
 
-  // (int8 raw tiles are only read as whole 16-byte words, row by row: no padding needed)
-  __host__ __device__ MmaSmem(int kN, int in_bytes)
+  // (int8 raw tiles are only read as whole 16-byte words, row by row: no padding needed). The
+  // state-only pass (pass 1 of a split) has no C tile, fp16 x copy or 16-bit state: about half the
+  // bytes, so that more of its blocks share an SM.
+  __host__ __device__ MmaSmem(int kN, int in_bytes, bool state_only = false)
       : ldN(kN + 8), ldP(kColTile + 8), ldNr(in_bytes == 2 ? ldN : kN), ldPr(in_bytes == 2 ? ldP : kColTile) {
+    const bool i8_full = in_bytes != 2 && !state_only;
     size_t off = 0;
-    Craw = ChunkSmem::take(off, static_cast<size_t>(in_bytes) * kChunk * ldNr);
+    Craw = ChunkSmem::take(off, state_only ? 0 : static_cast<size_t>(in_bytes) * kChunk * ldNr);
     Braw = ChunkSmem::take(off, static_cast<size_t>(in_bytes) * kChunk * ldNr);
     xraw = ChunkSmem::take(off, static_cast<size_t>(in_bytes) * kChunk * ldPr);
     stage = off;  // the raw tiles start at 0
     off += stage;
     // int8 tiles are widened into one set of fp16 operand tiles; 16-bit tiles are used as staged
-    C = in_bytes == 2 ? 0 : ChunkSmem::take(off, 2 * kChunk * ldN);
+    C = i8_full ? ChunkSmem::take(off, 2 * kChunk * ldN) : 0;
     B = in_bytes == 2 ? 0 : ChunkSmem::take(off, 2 * kChunk * ldN);
-    x = in_bytes == 2 ? 0 : ChunkSmem::take(off, 2 * kChunk * ldP);
+    x = i8_full ? ChunkSmem::take(off, 2 * kChunk * ldP) : 0;
     xhi = ChunkSmem::take(off, 2 * kChunk * ldP);
     xlo = ChunkSmem::take(off, 2 * kChunk * ldP);
-    Sh = ChunkSmem::take(off, 2 * static_cast<size_t>(kN) * ldP);
+    Sh = ChunkSmem::take(off, state_only ? 0 : 2 * static_cast<size_t>(kN) * ldP);
     sh_bytes = off - Sh;
     off += sh_bytes;
     vec = ChunkSmem::take(off, sizeof(float) * 2 * kTokenVectors * kChunk);  // double-buffered
@@ -831,7 +843,7 @@ __device__ __forceinline__ void widen_tile(__half* dst, int ld, const int8_t* sr
 }
 
 template <typename Tin, typename Tout, int kN, int kGroups, bool kStateOnly>
-__global__ void __launch_bounds__(MmaShape<kGroups>::kThreads, 2 / kGroups)
+__global__ void __launch_bounds__(MmaShape<kGroups>::kThreads, kStateOnly ? 3 : 2 / kGroups)
     ssd_mma_kernel(const SsdArgs p, int ptiles, bool x_async, const SegSplit split) {
   using Tm = MmaType<Tin>;
   using Shape = MmaShape<kGroups>;
@@ -842,21 +854,23 @@ __global__ void __launch_bounds__(MmaShape<kGroups>::kThreads, 2 / kGroups)
   constexpr int kMt = kSRows / 16;        // m16 tiles of state per warp
   static_assert(kMt >= 1 && kSRows % 16 == 0, "kN must be 64 or 128");
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  const MmaSmem lay(kN, sizeof(Tin));
+  const MmaSmem lay(kN, sizeof(Tin), kStateOnly);
   const int N = p.dstate, L = p.seqlen, H = p.nheads, P = p.headdim, G = p.ngroups;
-  // block = (tile, segment); tile = (b, h, ptile). Pass 1 runs segments 0 .. segments - 2.
-  const int seg_blocks = kStateOnly ? split.segments - 1 : split.segments;
-  const int seg = blockIdx.x % seg_blocks, tile = blockIdx.x / seg_blocks;
+  // block = (tile, segment) in pass 2, (tile, segment, piece) in pass 1, which runs the pieces of
+  // segments 0 .. segments - 2; tile = (b, h, ptile)
+  const int tile_blocks = kStateOnly ? (split.segments - 1) * split.pieces : split.segments;
+  const int in_tile = blockIdx.x % tile_blocks, tile = blockIdx.x / tile_blocks;
+  const int seg = kStateOnly ? in_tile / split.pieces : in_tile;
   const int ptile = tile % ptiles;
   const int bh = tile / ptiles;
   const int h = bh % H, b = bh / H;
-  const int t_begin = seg * split.seg_len;
-  const int t_end = split.segments > 1 ? min(L, t_begin + split.seg_len) : L;
-  // this tile's pass-1 results: end state and log2 decay of segment j
-  const int64_t seg_slot = static_cast<int64_t>(tile) * (split.segments - 1);
-  auto seg_state = [&](int j, int n, int pc) -> float& {
-    return split.states[((seg_slot + j) * kColTile + pc) * kN + n];
-  };
+  const int seg_begin = seg * split.seg_len;
+  const int seg_end = split.segments > 1 ? min(L, seg_begin + split.seg_len) : L;
+  const int t_begin = kStateOnly ? seg_begin + in_tile % split.pieces * split.piece_len : seg_begin;
+  const int t_end = kStateOnly ? min(seg_end, t_begin + split.piece_len) : seg_end;
+  // this tile's pass-1 results: end state and log2 decay of piece j (j = segment * pieces + piece)
+  const int64_t piece_slot = static_cast<int64_t>(tile) * (split.segments - 1) * split.pieces;
+  auto piece_state = [&](int j) { return split.states + (piece_slot + j) * kColTile * kN; };
   const int g = h / (H / G);
   const int p0 = ptile * kColTile;
   const int pcols = min(kColTile, P - p0);
@@ -933,17 +947,42 @@ __global__ void __launch_bounds__(MmaShape<kGroups>::kThreads, 2 / kGroups)
           f(S[mt][q][i], wr * kSRows + 16 * mt + gid + 8 * (i >> 1), pg + 8 * q + 2 * tid4 + (i & 1),
             col_scale[q][i & 1]);
   };
-  // Pass 1 starts from zero; pass 2 from the initial state carried through the segments before
-  // this one: S <- S exp2(log2_decay_j) + end_j, j = 0 .. seg - 1.
+  // Pass 1 starts from zero; pass 2 from the initial state carried through the pieces before this
+  // segment, S <- S exp2(log2_decay_j) + end_j for j = 0 .. seg * pieces - 1. The block folds the
+  // carried state a piece at a time (coalesced, each piece's loads independent of each other) into
+  // the 16-bit state copy's buffers (unused until store_state_copy), then each thread takes its
+  // accumulators from there: per element, a chain of loads would wait on one after another.
+  const int carried = kStateOnly ? 0 : seg * split.pieces;
+  const float* carry = reinterpret_cast<const float*>(smem_raw + lay.Sh);  // [kColTile][kN] (true scale)
+  if (carried > 0) {
+    static_assert(kColTile * kN * sizeof(float) <= 2 * kN * (kColTile + 8) * sizeof(Tm), "fits Sh");
+    constexpr int kPer = kColTile * kN / kThreads;
+    float v[kPer];
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int e = threadIdx.x + i * kThreads, pc = e / kN, n = e % kN;
+      v[i] = n < N && pc < pcols && p.initial_state != nullptr ? p.initial_state[(state_base + pc) * N + n] : 0.f;
+    }
+    for (int j = 0; j < carried; ++j) {
+      const float decay = exp2f(split.log2_decay[piece_slot + j]);
+      const float* end_j = piece_state(j);
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) v[i] = fmaf(v[i], decay, end_j[threadIdx.x + i * kThreads]);
+    }
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) const_cast<float*>(carry)[threadIdx.x + i * kThreads] = v[i];
+    __syncthreads();
+  }
   for_each_state([&](float& s, int n, int pc, float sc) {
     if (kStateOnly || n >= N || pc >= pcols) {
       s = 0.f;
       return;
     }
-    float v = p.initial_state != nullptr ? p.initial_state[(state_base + pc) * N + n] : 0.f;
-    for (int j = 0; j < seg; ++j) v = fmaf(v, exp2f(split.log2_decay[seg_slot + j]), seg_state(j, n, pc));
+    float v = carried > 0 ? carry[pc * kN + n]
+                          : p.initial_state != nullptr ? p.initial_state[(state_base + pc) * N + n] : 0.f;
     s = v / sc;
   });
+  if (carried > 0) __syncthreads();  // every thread has its state before store_state_copy reuses the buffers
   // its 16-bit copy (true scale) for the next chunk's C S
   auto store_state_copy = [&](int buf) {
     Tm* Sh = reinterpret_cast<Tm*>(smem_raw + lay.Sh + buf * lay.sh_bytes);
@@ -1181,9 +1220,10 @@ __global__ void __launch_bounds__(MmaShape<kGroups>::kThreads, 2 / kGroups)
     if constexpr (!kStateOnly) store_state_copy(st ^ 1);
   }
 
-  if constexpr (kStateOnly) {  // this segment's end state from zero, and its decay
-    for_each_state([&](float& s, int n, int pc, float sc) { seg_state(seg, n, pc) = s * sc; });
-    if (threadIdx.x == 0) split.log2_decay[seg_slot + seg] = seg_log2_decay;
+  if constexpr (kStateOnly) {  // this piece's end state from zero, and its decay
+    float* e = piece_state(in_tile);
+    for_each_state([&](float& s, int n, int pc, float sc) { e[pc * kN + n] = s * sc; });
+    if (threadIdx.x == 0) split.log2_decay[piece_slot + in_tile] = seg_log2_decay;
   } else if (p.final_state != nullptr && seg == split.segments - 1) {
     for_each_state([&](float& s, int n, int pc, float sc) {
       if (n < N && pc < pcols) p.final_state[(state_base + pc) * N + n] = s * sc;
@@ -1323,24 +1363,25 @@ cudaError_t launch_ssd_chunked(const SsdArgs& a, int warps, cudaStream_t stream)
 
 // ---- sequence split of the register-resident form (SegSplit) ----
 // Blocks that the workspace is sized to fill: an H100's resident register-resident blocks (132 SMs
-// x 2). A constant, not the device's count, so that a workspace sized when a TensorRT engine is
-// built covers every later launch on any GPU; the launch itself splits no further than its
-// device fills (split_for_device).
+// x 2), and for pass 1 its resident state-only blocks (132 x 4 for int8 input, x 3 for 16-bit).
+// Constants, not the device's counts, so that a workspace sized when a TensorRT engine is built
+// covers every later launch on any GPU; the launch itself splits no further than its device fills
+// (split_for_device).
 constexpr int64_t kSplitBlocks = 264;
+constexpr int64_t kPieceBlocks = 528;
 constexpr int kMaxSegments = 32;
+static_assert(kMaxSegments - 1 <= kMaxCarriedPieces, "one piece per segment always fits");
+// Pieces carried into one pass-2 segment that the heuristic allows: each costs the segment's block
+// a 16 KiB read before its first chunk (a forced count may go up to kMaxCarriedPieces).
+constexpr int kHeuristicCarriedPieces = 16;
 int g_ssd_segments = 0;  // tuning: forced segment count (essm_tuning_set_ssd_variant), 0 = heuristic
+int g_ssd_pieces = 0;    // tuning: forced pieces per segment (essm_tuning_set_ssd_pieces), 0 = heuristic
 
-// Fewer segments than this cost more than they save (H100, batch 1, L 2048, 4-warp blocks: 2
-// segments of 24 heads 1.1x faster than no split, of 64 heads 1.1x slower; 4 and 5 segments of 24
-// heads 1.5x and 1.6x faster; docs/benchmarks.md, SSD step 11): each chunk step of a split runs
-// the state-only pass and the full one, ~2.8x an unsplit chunk.
-constexpr int kMinSegments = 3;
-
-// 1, or `want` segments capped at one per chunk and kMaxSegments, if that reaches kMinSegments
-// (a forced count is taken as it is).
+// `want` segments capped at one per chunk and kMaxSegments (1: no split). Two segments already pay
+// since pass 1 runs in pieces (H100, batch 1, L 2048, 64 heads: 98 against 106 µs unsplit for f16
+// input, 91 against 116 for int8; docs/benchmarks.md, SSD step 15).
 int usable_segments(int64_t want, int chunks) {
-  const int64_t s = std::min<int64_t>({want, chunks, kMaxSegments});
-  return s >= (g_ssd_segments > 0 ? 1 : kMinSegments) ? static_cast<int>(s) : 1;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({want, chunks, kMaxSegments})));
 }
 
 // Segments per tile that the workspace is sized for: enough blocks for kSplitBlocks (or the forced
@@ -1349,29 +1390,64 @@ int split_cap(int64_t tiles, int chunks) {
   return usable_segments(g_ssd_segments > 0 ? g_ssd_segments : kSplitBlocks / tiles, chunks);
 }
 
-// Workspace of a split into `segments`: end states [tiles][segments - 1][kColTile][kn], then decays.
-size_t split_state_bytes(int64_t tiles, int segments, int kn) {
-  return segments <= 1 ? 0 : static_cast<size_t>(tiles) * (segments - 1) * kColTile * kn * sizeof(float);
-}
-size_t split_bytes(int64_t tiles, int segments, int kn) {
-  return segments <= 1 ? 0 : split_state_bytes(tiles, segments, kn) + static_cast<size_t>(tiles) * (segments - 1) * sizeof(float);
+// Chunks per segment of `segments` (evened out over the chunks).
+int segment_chunks(int chunks, int segments) { return (chunks + segments - 1) / segments; }
+
+// Pass-1 pieces per segment: as many as fill `slots` resident state-only blocks (or the forced
+// count), at most one per chunk of a segment and within the carried-piece limit.
+int pieces_for(int64_t tiles, int segments, int seg_chunks, int64_t slots) {
+  if (segments <= 1) return 1;
+  const int64_t carry_cap = (g_ssd_pieces > 0 ? kMaxCarriedPieces : kHeuristicCarriedPieces) / (segments - 1);
+  const int64_t want = g_ssd_pieces > 0 ? g_ssd_pieces : slots / (tiles * (segments - 1));
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({want, seg_chunks, carry_cap})));
 }
 
-// The split of one launch: as many segments as fill the device's `slots` resident blocks (unless
-// forced), no more than split_cap and the workspace allow, evened out over the chunks.
-SegSplit split_for_device(int64_t tiles, int seqlen, int kn, int64_t slots, void* ws, size_t ws_bytes) {
+// Workspace of a split into `segments` of `pieces` pass-1 pieces: end states
+// [tiles][segments - 1][pieces][kColTile][kn], then decays.
+size_t split_state_bytes(int64_t tiles, int segments, int pieces, int kn) {
+  return segments <= 1 ? 0
+                       : static_cast<size_t>(tiles) * (segments - 1) * pieces * kColTile * kn * sizeof(float);
+}
+size_t split_bytes(int64_t tiles, int segments, int pieces, int kn) {
+  return segments <= 1 ? 0
+                       : split_state_bytes(tiles, segments, pieces, kn) +
+                             static_cast<size_t>(tiles) * (segments - 1) * pieces * sizeof(float);
+}
+
+// The workspace that a launch of `tiles` tiles may use (its largest split on any GPU).
+size_t split_need(int64_t tiles, int chunks, int kn) {
+  const int segments = split_cap(tiles, chunks);
+  return split_bytes(tiles, segments, pieces_for(tiles, segments, segment_chunks(chunks, segments), kPieceBlocks), kn);
+}
+
+// The split of one launch: as many segments as fill the device's `slots` resident blocks and as
+// many pieces as fill its `piece_slots` state-only ones (unless forced), no more than split_cap and
+// the workspace allow (fewer pieces first, then fewer segments), evened out over the chunks.
+SegSplit split_for_device(int64_t tiles, int seqlen, int kn, int64_t slots, int64_t piece_slots, void* ws,
+                          size_t ws_bytes) {
   const int chunks = (seqlen + kChunk - 1) / kChunk;
   int segments = split_cap(tiles, chunks);
   if (g_ssd_segments == 0) segments = static_cast<int>(std::min<int64_t>(segments, slots / tiles));
-  while (segments > 1 && split_bytes(tiles, segments, kn) > ws_bytes) --segments;
   segments = usable_segments(segments, chunks);
+  int pieces = pieces_for(tiles, segments, segment_chunks(chunks, segments), piece_slots);
+  while (segments > 1 && split_bytes(tiles, segments, pieces, kn) > ws_bytes) {
+    if (pieces > 1) {
+      --pieces;
+    } else {
+      segments = usable_segments(segments - 1, chunks);
+    }
+  }
   SegSplit split;
   if (segments <= 1) return split;
-  const int seg_chunks = (chunks + segments - 1) / segments;
+  const int seg_chunks = segment_chunks(chunks, segments);
+  const int piece_chunks = (seg_chunks + pieces - 1) / pieces;
   split.segments = (chunks + seg_chunks - 1) / seg_chunks;
   split.seg_len = seg_chunks * kChunk;
+  split.pieces = (seg_chunks + piece_chunks - 1) / piece_chunks;
+  split.piece_len = piece_chunks * kChunk;
   split.states = static_cast<float*>(ws);
-  split.log2_decay = reinterpret_cast<float*>(static_cast<char*>(ws) + split_state_bytes(tiles, split.segments, kn));
+  split.log2_decay = reinterpret_cast<float*>(static_cast<char*>(ws) +
+                                              split_state_bytes(tiles, split.segments, split.pieces, kn));
   return split;
 }
 
@@ -1393,13 +1469,16 @@ cudaError_t launch_ssd_mma_pass(const SsdArgs& a, const MmaSmem& lay, int64_t bl
 template <typename Tin, typename Tout, int kN>
 cudaError_t launch_ssd_mma(const SsdArgs& a, int groups, int sms, void* ws, size_t ws_bytes, cudaStream_t stream) {
   static_assert(kMmaGroupChoices[0] == 1 && kMmaGroupChoices[1] == 2, "instantiations below");
-  const MmaSmem lay(kN, sizeof(Tin));
+  const MmaSmem lay(kN, sizeof(Tin)), lay1(kN, sizeof(Tin), true);
   const int ptiles = (a.headdim + kColTile - 1) / kColTile;
   const int64_t tiles = static_cast<int64_t>(a.batch) * a.nheads * ptiles;
-  int per_sm = 0;
+  int per_sm = 0, per_sm1 = 0;
   cudaError_t err = blocks_per_sm(ssd_mma_kernel<Tin, Tout, kN, 1, false>, MmaShape<1>::kThreads, lay.bytes, &per_sm);
+  if (err == cudaSuccess)
+    err = blocks_per_sm(ssd_mma_kernel<Tin, Tout, kN, 1, true>, MmaShape<1>::kThreads, lay1.bytes, &per_sm1);
   if (err != cudaSuccess) return err;
-  const SegSplit split = split_for_device(tiles, a.seqlen, kN, static_cast<int64_t>(sms) * per_sm, ws, ws_bytes);
+  const SegSplit split = split_for_device(tiles, a.seqlen, kN, static_cast<int64_t>(sms) * per_sm,
+                                          static_cast<int64_t>(sms) * per_sm1, ws, ws_bytes);
   const int64_t blocks = tiles * split.segments;
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
   if (groups != 1 && groups != 2) {  // (the one-group kernel's occupancy is per_sm, asked above)
@@ -1410,7 +1489,8 @@ cudaError_t launch_ssd_mma(const SsdArgs& a, int groups, int sms, void* ws, size
     groups = w2 > w1 ? 2 : 1;
   }
   if (split.segments > 1) {
-    err = launch_ssd_mma_pass<Tin, Tout, kN, 1, true>(a, lay, tiles * (split.segments - 1), ptiles, split, stream);
+    err = launch_ssd_mma_pass<Tin, Tout, kN, 1, true>(a, lay1, tiles * (split.segments - 1) * split.pieces, ptiles,
+                                                      split, stream);
     if (err != cudaSuccess) return err;
   }
   return groups == 2 ? launch_ssd_mma_pass<Tin, Tout, kN, 2, false>(a, lay, blocks, ptiles, split, stream)
@@ -1534,7 +1614,7 @@ extern "C" size_t essm_ssd_scan_workspace_size(essm_dtype out_dtype, int max_bat
   const int64_t tiles1 = static_cast<int64_t>(nheads) * ((headdim + kColTile - 1) / kColTile);
   // The largest need over batches 1 .. max_batch: a forced segment count needs the most at
   // max_batch; the heuristic's count falls as the batch grows and is 1 from kSplitBlocks tiles on.
-  auto need = [&](int64_t batch) { return split_bytes(batch * tiles1, split_cap(batch * tiles1, chunks), kn); };
+  auto need = [&](int64_t batch) { return split_need(batch * tiles1, chunks, kn); };
   size_t most = need(max_batch);
   for (int64_t b = 1; b < std::min<int64_t>(max_batch, kSplitBlocks); ++b) most = std::max(most, need(b));
   return most;
@@ -1544,6 +1624,11 @@ extern "C" int essm_tuning_set_ssd_variant(int variant, int segments) {
   essm::g_ssd_variant = variant >= 1 && variant <= 5 ? variant : 0;
   essm::g_ssd_segments = segments >= 1 && segments <= essm::kMaxSegments ? segments : 0;
   return essm::g_ssd_variant;
+}
+
+extern "C" int essm_tuning_set_ssd_pieces(int pieces) {
+  essm::g_ssd_pieces = pieces >= 1 && pieces <= essm::kMaxCarriedPieces ? pieces : 0;
+  return essm::g_ssd_pieces;
 }
 
 extern "C" cudaError_t essm_ssd_state_update(essm_dtype in_dtype, essm_dtype out_dtype,
