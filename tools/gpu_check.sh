@@ -10,8 +10,8 @@
 # PROFILE=1 to add an Nsight Compute report of the headline kernels ($OUT/ncu.txt),
 # TensorRT_ROOT (TensorRT headers; enables the plugin harness), TRT_BUILD_DIR, PEER (a folder made by
 # tools/peer_mamba_ssm.sh: the benchmark also times mamba_ssm's Triton kernels on the same inputs),
-# CHECK_ARGS / BENCH_ARGS (more arguments for the harness / the benchmark, e.g. CHECK_ARGS="--only ssd"
-# BENCH_ARGS="--only ssd --kernel-times --ssd-variants '0,0 4,2,1 4,2,4'").
+# CHECK_ARGS / KERNEL_BENCH_ARGS (more arguments for the harness / the kernel benchmark, e.g.
+# CHECK_ARGS="--only ssd" KERNEL_BENCH_ARGS="--only ssd --kernel-times --ssd-variants '0,0 4,2,4'").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,7 +38,7 @@ eval "\"\$PYTHON\" plugins/harness/check_kernels.py --lib \"\$LIB\" --json \"\$O
 
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   echo "== kernel benchmark"
-  eval "\"\$PYTHON\" plugins/harness/bench_kernels.py --lib \"\$LIB\" --json \"\$OUT/bench_kernels.json\" ${PEER:+--peer \"\$PEER\"} ${BENCH_ARGS:-}" \
+  eval "\"\$PYTHON\" plugins/harness/bench_kernels.py --lib \"\$LIB\" --json \"\$OUT/bench_kernels.json\" ${PEER:+--peer \"\$PEER\"} ${KERNEL_BENCH_ARGS:-}" \
     2>&1 | tee "$OUT/bench_kernels.log" || status=1
 fi
 
