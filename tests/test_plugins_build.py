@@ -101,3 +101,10 @@ def test_unsupported_sizes_are_rejected_on_the_host(kernels_lib: Path) -> None:
     conv = lib.essm_causal_conv1d_fwd
     conv.argtypes = [I, P, P, P, I, P, P, I, I, I, I, P]
     assert conv(0, dummy, dummy, None, 1, dummy, None, 1, 4, 8, 9, None) == CUDA_ERROR_INVALID_VALUE  # width 9
+
+
+def test_the_unit_rate_probe_compiles(tmp_path: Path) -> None:
+    """plugins/harness/unit_rates.cu (tools/gpu_check.sh runs it on a GPU) builds for both targets."""
+    for arch in ("87", "90"):
+        _run(["nvcc", "-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}", "-c",
+              str(PLUGINS / "harness" / "unit_rates.cu"), "-o", str(tmp_path / f"unit_rates_{arch}.o")], ROOT)

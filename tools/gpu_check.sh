@@ -33,6 +33,10 @@ ninja -C "$BUILD_DIR" 2>&1 | tee -a "$OUT/build.log"
 LIB="$BUILD_DIR/libedgessm_kernels.so"
 
 status=0
+echo "== execution-unit peak rates (plugins/harness/unit_rates.cu)"
+nvcc -O3 -arch=native plugins/harness/unit_rates.cu -o "$BUILD_DIR/unit_rates" && "$BUILD_DIR/unit_rates" 2>&1 \
+  | tee "$OUT/unit_rates.txt" || echo "unit_rates failed"
+
 echo "== kernel correctness harness"
 eval "\"\$PYTHON\" plugins/harness/check_kernels.py --lib \"\$LIB\" --json \"\$OUT/check_kernels.json\" ${CHECK_ARGS:-}" 2>&1 | tee "$OUT/check_kernels.log" || status=1
 
