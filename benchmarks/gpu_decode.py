@@ -28,6 +28,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -39,6 +40,7 @@ from edgessm.config import MambaConfig  # noqa: E402
 from edgessm.io import atomic_write_json  # noqa: E402
 from edgessm.models.loading import random_model  # noqa: E402
 from edgessm.runtime.bench import format_table  # noqa: E402
+from edgessm.runtime.gpu_profile import KernelTime, format_kernel_times, kernel_times  # noqa: E402
 
 log = logging.getLogger("gpu_decode")
 
@@ -95,7 +97,9 @@ def _backend_after_prompt(model, mode: str, prompt: torch.Tensor, bw: float):
     return backend, logits[:, -1].argmax(-1), states, {"bytes_per_token": nbytes, "floor_ms": 1e3 * nbytes / bw}
 
 
-def bench_cuda_graph(model, mode: str, prompt: torch.Tensor, steps: int, warmup: int, bw: float) -> list[dict]:
+def bench_cuda_graph(model, mode: str, prompt: torch.Tensor, steps: int, warmup: int, bw: float,
+                     profile: bool = False) -> list[dict]:
+    """One decode step replayed from a CUDA graph; with `profile`, also each kernel's own time in it."""
     t0 = time.perf_counter()
     backend, token, states, floor = _backend_after_prompt(model, mode, prompt, bw)
     g = backend.decode_graph(1)
@@ -103,6 +107,8 @@ def bench_cuda_graph(model, mode: str, prompt: torch.Tensor, steps: int, warmup:
     g.token.copy_(token)
     row = {"impl": "cuda-graph", "weights": mode, "setup_s": time.perf_counter() - t0, **floor,
            **time_steps(g.graph.replay, steps, warmup)}
+    if profile:
+        row["kernels"] = [asdict(k) for k in kernel_times(lambda i: g.graph.replay())]
     if not torch.isfinite(g.logits).all():
         raise RuntimeError(f"{mode}: non-finite logits after {steps + warmup} graph replays")
     return [row]
@@ -161,7 +167,8 @@ def bench_hf(model, prompt: torch.Tensor, steps: int, warmup: int) -> dict:
     return row
 
 
-def run_config(name: str, modes: list[str], steps: int, warmup: int, bw: float, baselines: bool) -> list[dict]:
+def run_config(name: str, modes: list[str], steps: int, warmup: int, bw: float, baselines: bool,
+               profile: bool = False) -> list[dict]:
     cfg = CONFIGS[name]
     with torch.device("cuda"):
         model = random_model(cfg, seed=0).half()
@@ -169,7 +176,7 @@ def run_config(name: str, modes: list[str], steps: int, warmup: int, bw: float, 
     params = model.num_parameters()
     rows: list[dict] = []
     jobs: list[tuple[str, str, Callable[[], list[dict]]]] = [
-        ("cuda-graph", mode, lambda mode=mode: bench_cuda_graph(model, mode, prompt, steps, warmup, bw)) for mode in modes
+        ("cuda-graph", mode, lambda mode=mode: bench_cuda_graph(model, mode, prompt, steps, warmup, bw, profile)) for mode in modes
     ]
     if baselines:
         jobs.append(("cuda-eager", "float", lambda: bench_cuda_eager(model, prompt, max(steps // 4, 20), 5, bw)))
@@ -206,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=400, help="timed graph replays per row (baselines use fewer)")
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--no-baselines", action="store_true", help="skip torch-eager and transformers")
+    ap.add_argument("--kernel-times", action="store_true",
+                    help="cuda-graph rows: also each kernel's GPU time per step (torch profiler), printed and in the JSON")
     ap.add_argument("--json", type=Path, default=Path(os.environ.get("OUT", "out")) / "gpu_decode.json")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -219,10 +228,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {device}")
     rows: list[dict] = []
     for name in args.configs.split(","):
-        rows += run_config(name, args.modes.split(","), args.steps, args.warmup, bw, not args.no_baselines)
+        rows += run_config(name, args.modes.split(","), args.steps, args.warmup, bw, not args.no_baselines,
+                           args.kernel_times)
     cols = ["config", "impl", "weights", "ms_per_token", "p10_ms", "p90_ms", "floor_ms", "pct_of_floor", "tokens_per_s",
             "bytes_per_token", "error"]
     print(format_table(rows, cols))
+    for r in rows:
+        if "kernels" in r:
+            ks = [KernelTime(**k) for k in r["kernels"]]
+            print(f"{r['config']} {r['weights']}: {sum(k.us_per_call for k in ks):.1f} us of kernels in "
+                  f"{sum(k.launches_per_call for k in ks):g} launches per step; {format_kernel_times(ks, 12)}")
     atomic_write_json(args.json, {"device": device, "batch": 1, "prompt_len": PROMPT_LEN, "rows": rows,
                                   "command": " ".join(sys.argv)})
     print(f"wrote {args.json}")

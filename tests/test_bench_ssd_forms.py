@@ -45,10 +45,3 @@ def test_labels_follow_the_harness_names(bench) -> None:  # noqa: ANN001
     assert bench.ssd_variant_label((4, 5, 2)) == "mma/4w/S5/P2"
     assert bench.ssd_variant_label((5, 2)) == "mma/8w/S2"
     assert bench.ssd_variant_label((4, 6, 0)) == "mma/4w/S6"
-
-
-def test_kernel_names_lose_namespaces_and_arguments(bench) -> None:  # noqa: ANN001
-    name = ("void essm::(anonymous namespace)::ssd_mma_kernel<__half, __half, 128, 1, true>"
-            "(essm::(anonymous namespace)::SsdArgs, int, bool, essm::(anonymous namespace)::SegSplit)")
-    assert bench.short_kernel_name(name) == "ssd_mma_kernel<__half, __half, 128, 1, true>"
-    assert bench.short_kernel_name("void essm::copy_kernel(float*, int)") == "copy_kernel"

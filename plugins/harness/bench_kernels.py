@@ -22,7 +22,6 @@ import argparse
 import logging
 import math
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,9 @@ from check_kernels import write_json_atomic  # noqa: E402
 from essm_lib import (  # noqa: E402
     ESSM_F16, ESSM_I8, SSD_VARIANTS, KernelLib, ScanScales, SsdScales, ptr, scan_scales)
 from peers import MambaSsmPeer, load_mamba_ssm  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
+from edgessm.runtime.gpu_profile import format_kernel_times, kernel_times  # noqa: E402
 
 log = logging.getLogger("bench_kernels")
 L2_ROTATE_BYTES = 200 * 2**20  # working set spanned by the rotated input copies (> 3x H100 L2)
@@ -115,13 +117,6 @@ def int8_scan_scales(dim: int, in_dt: int) -> tuple[ScanScales | None, torch.Ten
         return None, None
     values = torch.full((dim + 4,), 0.02, device="cuda")  # u_scale [dim], then delta, B, C, z
     return scan_scales(values[:dim], values[dim:]), values
-
-
-def short_kernel_name(name: str) -> str:
-    """A profiler kernel name without its namespaces, return type and arguments: "ssd_mma_kernel<__half,
-    __half, 128, 1, true>"."""
-    m = re.search(r"(\w+(?:<[^()]*>)?)\((?!anonymous)", name)
-    return m.group(1) if m else name
 
 
 def parse_ssd_variants(text: str) -> list[tuple[int, ...]]:
@@ -347,25 +342,6 @@ class Bench:
             return time_ms(run, 1, 0)
         return self.graph_ms(lambda: [run(i) for i in range(copies)]) / copies
 
-    def kernels_us(self, run: Callable[[int], None], copies: int, calls: int = 20) -> str:
-        """The GPU time of each kernel that one run(i) launches, from the torch profiler (CUPTI), as
-        "name: µs per call" items: which pass of a multi-kernel launch the time goes to."""
-        for i in range(3):
-            run(i % copies)
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for i in range(calls):
-                run(i % copies)
-            torch.cuda.synchronize()
-        times: dict[str, float] = {}
-        for ev in prof.key_averages():
-            us = getattr(ev, "device_time_total", None)
-            if us is None:
-                us = ev.cuda_time_total
-            if us > 0:
-                times[short_kernel_name(ev.key)] = times.get(short_kernel_name(ev.key), 0.0) + us / calls
-        return ", ".join(f"{k}: {v:.1f} us" for k, v in sorted(times.items()))
-
     def graph_ms(self, body: Callable[[], None]) -> float:
         """Median ms of one replay of a CUDA graph capturing `body`."""
         side = torch.cuda.Stream()
@@ -424,7 +400,8 @@ class Bench:
             with self.lib.forced_ssd_variant(variant):
                 ws = self.lib.ssd_workspace(ESSM_F16, b, seqlen, h, p, n)
                 ms = self.kernel_ms(run, len(sets))
-                parts = self.kernels_us(run, len(sets)) if self.kernel_times else ""
+                parts = (format_kernel_times(kernel_times(lambda i: run(i % len(sets))))
+                         if self.kernel_times else "")
             self.add("ssd_prefill", config, dname, label, ms, nbytes, eager, "; ".join(filter(None, [note, parts])),
                      tensor, peer_ms)
 
