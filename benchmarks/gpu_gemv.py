@@ -5,7 +5,10 @@ For each projection of the Mamba-1 models that the decode step runs as a linear 
 dt_proj [d_inner, dt_rank], out_proj [d_model, d_inner], lm_head [vocab, d_model]) and each batch M
 (rows of x, 1 by default), it times:
 
-- ``fp16``: torch.nn.functional.linear on float16 weights (cuBLAS), what ``weights="float"`` runs;
+- ``fp16``: torch.nn.functional.linear on float16 weights (cuBLAS), what ``weights="float"`` ran before
+  ``gemv_float``;
+- ``fp16-triton``: edgessm.ops.triton_gemv.gemv_float on the same float16 weights (the W8 GEMV kernel
+  without the dequantization), what ``weights="float"`` runs for decode;
 - ``w8a16``, ``w8a8``, ``w4a16``: edgessm.ops.triton_gemv.gemv_w8a16 / gemv_w8a8 / gemv_w4a16 on
   weights quantized from the same random float16 weights (W4: groups of ``--group``; W8A8: activation
   scale absmax(x) / 127). A projection whose K is not a multiple of the W4 group has no w4a16 row (the
@@ -53,7 +56,7 @@ log = logging.getLogger("gpu_gemv")
 
 GEMV_CONFIGS = ("mamba1-130m", "mamba1-1.4b")
 PROJECTIONS = ("in_proj", "x_proj", "dt_proj", "out_proj", "lm_head")
-IMPLS = ("fp16", "w8a16", "w8a8", "w4a16")
+IMPLS = ("fp16", "fp16-triton", "w8a16", "w8a8", "w4a16")
 MAX_COPIES = 4096
 COLUMNS = ["config", "proj", "N", "K", "M", "impl", "us_per_call", "gb_s", "pct_copy_bw", "weight_bytes", "copies",
            "err_vs_fp16", "kernel_err", "error"]
@@ -72,7 +75,7 @@ def projection_shapes(cfg: MambaConfig) -> dict[str, tuple[int, int]]:
 
 def weight_bytes(impl: str, n: int, k: int, group: int) -> int:
     """Bytes of weights (and scales) one call of ``impl`` reads for an [N, K] layer."""
-    if impl == "fp16":
+    if impl in ("fp16", "fp16-triton"):
         return 2 * n * k
     if impl in ("w8a16", "w8a8"):
         return n * k + 4 * n
@@ -102,6 +105,8 @@ def _impl(impl: str, w: torch.Tensor, x: torch.Tensor, group: int):
 
     if impl == "fp16":
         return (w,), lambda x_, t: torch.nn.functional.linear(x_, t[0]), x.double() @ w.double().T
+    if impl == "fp16-triton":
+        return (w,), lambda x_, t: Q.gemv_float(x_, t[0]), Q.reference_float(x, w)
     if impl == "w4a16":
         p, s = Q.quantize_w4(w, group)
         return (p, s), lambda x_, t: Q.gemv_w4a16(x_, t[0], t[1]), Q.reference_w4a16(x, p, s)

@@ -39,8 +39,8 @@ _BACKEND = click.option("--backend", type=click.Choice(["auto", "torch", "ort", 
 _DEVICE = click.option("--device", default="cpu", show_default=True, help="torch backend device (cpu, cuda).")
 _GPU_WEIGHTS = click.option(
     "--gpu-weights", type=click.Choice(["float", "w8a16", "w4a16"]), default="float", show_default=True,
-    help="With --device cuda, a float checkpoint's linear layers: float16 (cuBLAS) or weight-only int8 / int4 "
-         "quantized at load time (Triton GEMV kernels, CUDA-graph decode).")
+    help="With --device cuda, a float checkpoint's linear layers: float16 or weight-only int8 / int4 "
+         "quantized at load time (Triton GEMV kernels for decode, CUDA-graph decode).")
 
 
 @main.command()

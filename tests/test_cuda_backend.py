@@ -283,7 +283,7 @@ def test_quantized_modes_need_half_precision(monkeypatch) -> None:
 
 
 # ---- Triton kernels vs float64: on the GPU, and in Triton's CPU interpreter -----------------------------
-GEMV_MODES = ["w8a16", "w4a16", "w8a8", "w8a8-int8-in"]
+GEMV_MODES = ["float", "w8a16", "w4a16", "w8a8", "w8a8-int8-in"]
 GEMV_SHAPES = [(1, 1536, 768), (1, 80, 1536), (3, 700, 384), (16, 64, 128), (37, 200, 256)]
 # Small enough for the interpreter: GEMV programs with a partial row block (N = 5, 7; K = 2176 also
 # leaves a partial K tile) and with 4 rows (N = 1100), and the GEMM path (M = 17).
@@ -298,7 +298,10 @@ def _gemv_rel_err(mode: str, shape: tuple[int, int, int], device: str) -> float:
     w = torch.randn(n, k, device=device) * 0.05
     bias = torch.randn(n, device=device) if m % 2 else None
     out = torch.full((m, n), float("nan"), device=device, dtype=torch.float16)
-    if mode == "w4a16":
+    if mode == "float":  # float16 weights; beyond 4 rows (and on the CPU) gemv_float is F.linear
+        w16 = w.half()
+        got, ref = Q.gemv_float(x, w16, bias, out=out), Q.reference_float(x, w16, bias)
+    elif mode == "w4a16":
         p, s = Q.quantize_w4(w, 128)
         got, ref = Q.gemv_w4a16(x, p, s, bias, out=out), Q.reference_w4a16(x, p, s, bias)
     else:
@@ -319,6 +322,22 @@ def _gemv_rel_err(mode: str, shape: tuple[int, int, int], device: str) -> float:
 @pytest.mark.parametrize("shape", GEMV_SHAPES)
 def test_triton_gemv_vs_float64(mode: str, shape: tuple[int, int, int]) -> None:
     assert _gemv_rel_err(mode, shape, "cuda") < GEMV_BOUND
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gemv_float_runs_linear_where_the_kernel_does_not_apply(dtype: torch.dtype, monkeypatch) -> None:
+    """float32, more than 4 rows of x, or no Triton: F.linear, with a float32 bias added in float32."""
+    if dtype == torch.float16:
+        monkeypatch.setattr(Q, "triton", None)
+    torch.manual_seed(3)
+    w = (torch.randn(9, 64) * 0.1).to(dtype)
+    bias = torch.randn(9)
+    for m in (1, 6):
+        x = torch.randn(m, 64).to(dtype)
+        out = torch.full((m, 9), float("nan"), dtype=dtype)
+        got = Q.gemv_float(x, w, bias, out=out)
+        assert got.data_ptr() == out.data_ptr() and got.dtype == dtype
+        assert rel_err(got, Q.reference_float(x, w, bias)) < (1e-6 if dtype == torch.float32 else GEMV_BOUND)
 
 
 def test_gemv_block_n() -> None:

@@ -15,7 +15,8 @@ Quantized weight formats (all symmetric, no zero point; ``W`` is the float weigh
 
 Decode (M = batch <= 4) runs the GEMV kernels: each program owns a few output rows of one row of x
 and streams them over K in wide tiles, multiplying element-wise and reducing once at the end; the
-step is bound by reading the weights once. The W4 one reads the packed weights as int32 words (8
+step is bound by reading the weights once. The W8 one also serves unquantized float16/bfloat16
+weights (``gemv_float``, the CUDA backend's ``weights="float"``). The W4 one reads the packed weights as int32 words (8
 nibbles, low nibble first) and is compiled for each K, its K steps unrolled. Larger M runs the GEMM kernels, which tile M (tokens) by
 16 or 64 and N (outputs) by 16..64 on tensor cores and stream K. Every GEMV/GEMM kernel has a
 float64 reference (``reference_*``) used by the tests. Activations of the A16 kernels are float16
@@ -103,6 +104,11 @@ def quantize_activation(x: torch.Tensor, x_scale: float) -> torch.Tensor:
 
 
 # ---- float64 references -------------------------------------------------------------------------------
+def reference_float(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    y = x.double() @ w.double().T
+    return y if bias is None else y + bias.double()
+
+
 def reference_w8a16(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     y = x.double() @ (q.double() * scale.double()[:, None]).T
     return y if bias is None else y + bias.double()
@@ -258,13 +264,15 @@ if triton is not None:
         return (u | 0x4B000000).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _w8_gemv_kernel(
+    def _rows_gemv_kernel(
         x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, N, K, stride_xm, stride_ym, x_inv_scale, x_scale,
-        A8: tl.constexpr, X_INT8: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        A8: tl.constexpr, X_INT8: tl.constexpr, HAS_BIAS: tl.constexpr, W16: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         # Decode (few rows of x): program (i, m) owns BLOCK_N output rows of activation row m and
         # streams them over K in wide tiles; products accumulate element-wise in a 2D register tile and
-        # are reduced across K once at the end (no tensor-core tile padded to 16 rows of x).
+        # are reduced across K once at the end (no tensor-core tile padded to 16 rows of x). Weights
+        # are W8 (int8 with a scale per output row) or, with W16, 16-bit floats used as they are.
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         m = tl.program_id(1)
         mask_n = rn < N
@@ -279,12 +287,14 @@ if triton is not None:
             w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0)
             if A8:
                 acc += w.to(tl.int32) * _a8_input(x, x_inv_scale, X_INT8).to(tl.int32)[None, :]
+            elif W16:
+                acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
             else:
                 # (q ^ 0x80) & 0xFF = q + 128 in [0, 255]
                 wf = _int_to_f32((w.to(tl.int32) ^ 0x80) & 0xFF) - 8388736.0  # 2**23 + 128
                 acc += wf * x.to(tl.float32)[None, :]
         _epilogue(tl.sum(acc, axis=1), rn, mask_n, y_ptr + m * stride_ym + rn, mask_n, ws_ptr, b_ptr, x_scale,
-                  CHANNEL_SCALE=True, A8=A8, HAS_BIAS=HAS_BIAS)
+                  CHANNEL_SCALE=not W16, A8=A8, HAS_BIAS=HAS_BIAS)
 
     @triton.jit
     def _w4_nibble(u, I: tl.constexpr, fmagic):
@@ -643,15 +653,41 @@ def _launch_w8(name: str, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     m = x.shape[0]
     flags = dict(A8=a8, X_INT8=x.dtype == torch.int8, HAS_BIAS=bias is not None)
     if m <= _GEMV_MAX_M:
-        y, bn, grid = _gemv_setup(name, x, n, bias, out_dtype, out, _W8_GEMV_MIN_BLOCK_N)
-        bk = min(_GEMV_TILE // bn, max(triton.next_power_of_2(k), 64))  # powers of two, as tl.arange needs
-        _w8_gemv_kernel[grid](x, q, scale, bias, y, n, k, x.stride(0), y.stride(0), x_inv_scale,
-                 x_scale, **flags, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
-        return y
+        return _launch_rows_gemv(name, x, q, scale, bias, out_dtype, out, x_inv_scale, x_scale, W16=False, **flags)
     y, bm, bn, grid = _gemm_setup(name, x, n, bias, out_dtype, out)
     _w8_kernel[grid](x, q, scale, bias, y, m, n, k, x.stride(0), y.stride(0), x_inv_scale, x_scale,
              **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=256, num_warps=4, num_stages=3)
     return y
+
+
+def _launch_rows_gemv(name: str, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None,
+                      bias: torch.Tensor | None, out_dtype: torch.dtype, out: torch.Tensor | None,
+                      x_inv_scale: float, x_scale: float, **flags: bool) -> torch.Tensor:
+    """The row-streaming GEMV kernel over weights w [N, K] (W8, or 16-bit floats with W16=True)."""
+    n, k = w.shape
+    y, bn, grid = _gemv_setup(name, x, n, bias, out_dtype, out, _W8_GEMV_MIN_BLOCK_N)
+    bk = min(_GEMV_TILE // bn, max(triton.next_power_of_2(k), 64))  # powers of two, as tl.arange needs
+    _rows_gemv_kernel[grid](x, w, scale, bias, y, n, k, x.stride(0), y.stride(0), x_inv_scale,
+                            x_scale, **flags, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+    return y
+
+
+def gemv_float(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """y [M, N] = x [M, K] · w [N, K]^T (+ bias): for float16/bfloat16 x and w of the same dtype and M
+    <= 4 the row-streaming GEMV kernel (the W8 one without the dequantization), else F.linear (cuBLAS
+    on a GPU): float32, larger M."""
+    n, k = w.shape
+    if x.dtype not in _A16 or x.shape[0] > _GEMV_MAX_M or triton is None:
+        if bias is None or bias.dtype == x.dtype:
+            y = F.linear(x, w, bias)
+        else:  # e.g. a float32 bias: added in float32, as the kernel's epilogue does
+            y = (F.linear(x, w).float() + bias.float()).to(x.dtype)
+        return y if out is None else out.copy_(y)
+    _check_x("gemv_float", x, k, _A16)
+    _check_param("gemv_float", "w", w, (n, k), x.dtype, x.device)
+    return _launch_rows_gemv("gemv_float", x, w, None, bias, x.dtype, out, 1.0, 1.0, W16=True, A8=False,
+                             X_INT8=False, HAS_BIAS=bias is not None)
 
 
 def gemv_w8a16(

@@ -31,8 +31,8 @@ def open_backend(path: str | Path, backend: str = "auto", device: str = "cpu", t
     """Open a checkpoint, quantized directory, ONNX export or TensorRT engine directory for running.
 
     ``threads``: ONNX Runtime intra-op threads (default: ORT's choice). ``gpu_weights``: how the CUDA
-    backend (a float checkpoint on a CUDA ``device``) runs its linear layers: ``float`` (cuBLAS) or
-    weight-only quantized on the Triton GEMV kernels (``w8a16``, ``w4a16``; see
+    backend (a float checkpoint on a CUDA ``device``) runs its linear layers: ``float`` (float16 weights)
+    or weight-only quantized (``w8a16``, ``w4a16``), on Triton GEMV kernels for decode (see
     ``edgessm.runtime.cuda_backend``).
     """
     path = Path(path)

@@ -9,8 +9,9 @@ The model's own parameters are used; what changes is how a step executes:
 - Mamba-1's decode step runs dt_proj inside its state update (``dt_proj_state_update``, a Triton kernel;
   float, W8 and W4 weights; W8A8 keeps the separate GEMV and CUDA kernel); its prefill and Mamba-2's
   state update are the CUDA kernels;
-- the linear layers run as cuBLAS (``weights="float"``) or as the Triton quantized GEMV kernels
-  (``"w8a16"``, ``"w4a16"``, ``"w8a8"``; formats in ``edgessm.ops.triton_gemv``). Quantized modes
+- the linear layers run as Triton GEMV kernels on float16/bfloat16 weights (``weights="float"``; cuBLAS
+  for float32 and for prefill-sized inputs) or on quantized weights (``"w8a16"``, ``"w4a16"``,
+  ``"w8a8"``; formats in ``edgessm.ops.triton_gemv``). Quantized modes
   quantize every mixer projection and the LM head from the model's weights (a layer whose input size
   is not a multiple of the W4 group falls back to W8, e.g. Mamba-1's dt_proj); embeddings, norms and
   SSM parameters stay in the model dtype;
@@ -87,7 +88,8 @@ class CudaStates:
 
 # ---- linear layers -------------------------------------------------------------------------------------
 class DecodeLinear:
-    """One linear layer as the backend runs it: cuBLAS on float weights, or a Triton quantized GEMV."""
+    """One linear layer as the backend runs it: a Triton GEMV (float16/bfloat16 or quantized weights) for
+    decode-sized inputs, cuBLAS for larger ones and for float32."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, mode: str, group_size: int = 128,
                  act_scale: float | None = None) -> None:
@@ -112,7 +114,7 @@ class DecodeLinear:
     def _select(self) -> Callable[[torch.Tensor], torch.Tensor]:
         t, b = self.tensors, self.bias
         if self.mode == "float":
-            return lambda x: F.linear(x, t[0], b)
+            return lambda x: Q.gemv_float(x, t[0], b)
         if self.mode == "w8a16":
             return lambda x: Q.gemv_w8a16(x, t[0], t[1], b)
         if self.mode == "w4a16":
