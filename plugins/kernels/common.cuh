@@ -11,6 +11,7 @@
 #include <type_traits>
 
 #include "edgessm/kernels.h"
+#include "quantize_int8.cuh"
 
 namespace essm {
 
@@ -30,11 +31,10 @@ template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
-// int8 stores are symmetric quantization: round half to even, saturate.
+// int8 stores are symmetric quantization: round half to even, saturate (quantize_int8.cuh, where
+// quantize_int8_div gives from_float<int8_t>(v / out_scale) without a division per element).
 template <>
-__device__ __forceinline__ int8_t from_float<int8_t>(float v) {
-  return static_cast<int8_t>(fminf(fmaxf(rintf(v), -128.f), 127.f));
-}
+__device__ __forceinline__ int8_t from_float<int8_t>(float v) { return saturate_int8(v); }
 
 // ---- vector memory access ---------------------------------------------------------------------
 // Word type for moving N elements of T at once (16-byte words when the run is a multiple of 16).
@@ -84,15 +84,12 @@ __device__ __forceinline__ void load_run(const T* __restrict__ p, int valid, flo
   for (int i = 0; i < N; ++i) v[i] = dequant(e[i], scale);
 }
 
-// Stores p[i] = v[i] for i < valid, with wide stores when possible.
+// Stores p[i] = e[i] for i < valid, with wide stores when possible.
 template <typename T, int N>
-__device__ __forceinline__ void store_run(T* __restrict__ p, int valid, const float (&v)[N]) {
+__device__ __forceinline__ void put_run(T* __restrict__ p, int valid, const T (&e)[N]) {
   constexpr int kBytes = static_cast<int>(sizeof(T)) * N;
   using W = VecWord<kBytes>;
   constexpr int kWords = kBytes / static_cast<int>(sizeof(W));
-  T e[N];
-#pragma unroll
-  for (int i = 0; i < N; ++i) e[i] = from_float<T>(v[i]);
   if (valid >= N && (reinterpret_cast<uintptr_t>(p) % sizeof(W)) == 0) {
     W w[kWords];
     memcpy(w, e, kBytes);
@@ -103,6 +100,15 @@ __device__ __forceinline__ void store_run(T* __restrict__ p, int valid, const fl
     for (int i = 0; i < N; ++i)
       if (i < valid) p[i] = e[i];
   }
+}
+
+// Stores p[i] = v[i] (converted) for i < valid, with wide stores when possible.
+template <typename T, int N>
+__device__ __forceinline__ void store_run(T* __restrict__ p, int valid, const float (&v)[N]) {
+  T e[N];
+#pragma unroll
+  for (int i = 0; i < N; ++i) e[i] = from_float<T>(v[i]);
+  put_run<T, N>(p, valid, e);
 }
 
 template <typename T>

@@ -126,13 +126,17 @@ __device__ __forceinline__ void with_constant(int b, F&& f) {
   }
 }
 
-// Output value before conversion: scaled, and divided by the quantization step for int8 outputs
-// (a true division, as in the reference, so that rounding ties land the same way).
+// Output element of the scaled value v = acc * scale. int8 outputs are
+// from_float<int8_t>(v / out_scale), as in the reference (ties included), through
+// quantize_int8_div: a multiply by inv_scale = quantize_int8_inv(out_scale) (computed on the
+// host), and the true division only for the ~1e-4 of values near a half-integer.
 template <typename Tout>
-__device__ __forceinline__ float finish_value(float acc, float scale, float out_scale) {
-  const float v = acc * scale;
-  if constexpr (std::is_same<Tout, int8_t>::value) return v / out_scale;
-  return v;
+__device__ __forceinline__ Tout out_value(float v, float out_scale, float inv_scale) {
+  if constexpr (std::is_same<Tout, int8_t>::value) {
+    return quantize_int8_div(v, out_scale, inv_scale);
+  } else {
+    return from_float<Tout>(v);
+  }
 }
 
 // Global-memory side of a pass: RUNS runs of N consecutive elements, run c at flat
@@ -177,20 +181,33 @@ __device__ __forceinline__ void load_item(const Tin* __restrict__ x, int base, i
 template <typename Tout, int N, int RUNS>
 __device__ __forceinline__ void store_item(Tout* __restrict__ y, int base, int hi, int valid,
                                            const float (&v)[N * RUNS], float scale,
-                                           float out_scale) {
+                                           float out_scale, float inv_scale) {
   using W = RunWord<Tout, N>;
   constexpr int kWords = static_cast<int>(sizeof(Tout)) * N / static_cast<int>(sizeof(W));
+  // int8 values are quantized once, before the two store paths (the compiler would otherwise
+  // duplicate the quantization into both); float outputs convert in each path
+  constexpr bool kInt8 = std::is_same<Tout, int8_t>::value;
   float t[RUNS][N];
+  Tout q[RUNS][N];
 #pragma unroll
   for (int c = 0; c < RUNS; ++c)
 #pragma unroll
-    for (int j = 0; j < N; ++j) t[c][j] = finish_value<Tout>(v[N * c + j], scale, out_scale);
+    for (int j = 0; j < N; ++j) {
+      t[c][j] = v[N * c + j] * scale;
+      if constexpr (kInt8) q[c][j] = out_value<Tout>(t[c][j], out_scale, inv_scale);
+    }
   if (whole_item<Tout, N, RUNS>(y, base, hi, valid)) {
 #pragma unroll
     for (int c = 0; c < RUNS; ++c) {
       Tout e[N];
 #pragma unroll
-      for (int j = 0; j < N; ++j) e[j] = from_float<Tout>(t[c][j]);
+      for (int j = 0; j < N; ++j) {
+        if constexpr (kInt8) {
+          e[j] = q[c][j];
+        } else {
+          e[j] = from_float<Tout>(t[c][j]);
+        }
+      }
       W w[kWords];
       memcpy(w, e, sizeof(w));
 #pragma unroll
@@ -198,8 +215,13 @@ __device__ __forceinline__ void store_item(Tout* __restrict__ y, int base, int h
     }
   } else {
 #pragma unroll
-    for (int c = 0; c < RUNS; ++c)
-      store_run<Tout, N>(y + base + (c << hi), valid - base - (c << hi), t[c]);
+    for (int c = 0; c < RUNS; ++c) {
+      if constexpr (kInt8) {
+        put_run<Tout, N>(y + base + (c << hi), valid - base - (c << hi), q[c]);
+      } else {
+        store_run<Tout, N>(y + base + (c << hi), valid - base - (c << hi), t[c]);
+      }
+    }
   }
 }
 
@@ -210,7 +232,8 @@ __device__ __forceinline__ void store_item(Tout* __restrict__ y, int base, int h
 template <typename Tin, typename Tout, int E, bool TO_OUTPUT>
 __device__ __forceinline__ void first_pass(const Tin* __restrict__ x, Tout* __restrict__ y,
                                            float* s, const HadPass& p, int logk, int tile,
-                                           int valid, float scale, float out_scale) {
+                                           int valid, float scale, float out_scale,
+                                           float inv_scale) {
   for (int w = threadIdx.x; w < tile / E; w += blockDim.x) {
     const int base = item_base(w, 3, p.hi, p.bits);
     float v[E];
@@ -218,7 +241,7 @@ __device__ __forceinline__ void first_pass(const Tin* __restrict__ x, Tout* __re
     with_constant<0, log2_of(E)>(min(logk, log2_of(E)),
                                  [&](auto bits) { butterflies<0, bits()>(v); });
     if constexpr (TO_OUTPUT) {
-      store_item<Tout, 8, E / 8>(y, base, p.hi, valid, v, scale, out_scale);
+      store_item<Tout, 8, E / 8>(y, base, p.hi, valid, v, scale, out_scale, inv_scale);
     } else {
       write_item(s, p, base, v);
     }
@@ -253,11 +276,12 @@ __device__ __forceinline__ void middle_pass(float* s, const HadPass& p, int tile
 // Last pass of m = 1: stores the output pairs.
 template <typename Tout, int E>
 __device__ __forceinline__ void output_pass(float* s, Tout* __restrict__ y, const HadPass& p,
-                                            int tile, int valid, float scale, float out_scale) {
+                                            int tile, int valid, float scale, float out_scale,
+                                            float inv_scale) {
   for (int w = threadIdx.x; w < tile / E; w += blockDim.x) {
     float v[E];
     const int base = read_item(s, p, w, v);
-    store_item<Tout, 2, E / 2>(y, base, p.hi, valid, v, scale, out_scale);
+    store_item<Tout, 2, E / 2>(y, base, p.hi, valid, v, scale, out_scale, inv_scale);
   }
 }
 
@@ -268,7 +292,7 @@ __device__ __forceinline__ void output_pass(float* s, Tout* __restrict__ y, cons
 template <typename Tout, int M, int J>
 __device__ __forceinline__ void base_matrix_pass(const float* s, const float* hm,
                                                  Tout* __restrict__ y, int logk, int fl, int nrows,
-                                                 float scale, float out_scale) {
+                                                 float scale, float out_scale, float inv_scale) {
   for (int w = threadIdx.x; w < (nrows << fl); w += blockDim.x) {
     const int r = w >> fl;
     const int b = w & ((1 << fl) - 1);
@@ -310,7 +334,7 @@ __device__ __forceinline__ void base_matrix_pass(const float* s, const float* hm
         Tout* yr = y + ((r * M + a0 + i) << logk) + b;
 #pragma unroll
         for (int j = 0; j < J; ++j)
-          yr[j << fl] = from_float<Tout>(finish_value<Tout>(acc[i][j], scale, out_scale));
+          yr[j << fl] = out_value<Tout>(acc[i][j] * scale, out_scale, inv_scale);
       }
     }
   }
@@ -326,7 +350,8 @@ __host__ __device__ constexpr int max_registers(int m, int e) {
 template <typename Tin, typename Tout, int M, int E>
 __global__ void __launch_bounds__(kMaxThreads) __maxnreg__(max_registers(M, log2_of(E)))
     hadamard_kernel(const Tin* __restrict__ x, const float* __restrict__ had_m, HadPlan plan,
-                    int logk, float scale, float out_scale, Tout* __restrict__ y, int64_t rows) {
+                    int logk, float scale, float out_scale, Tout* __restrict__ y, int64_t rows,
+                    float inv_scale) {
   extern __shared__ __align__(16) float s[];
   const int n = M << logk;
   const int tile = plan.rows * n;
@@ -337,10 +362,12 @@ __global__ void __launch_bounds__(kMaxThreads) __maxnreg__(max_registers(M, log2
   y += row0 * n;
 
   if (M == 1 && plan.npass == 1) {
-    first_pass<Tin, Tout, E, true>(x, y, s, plan.first, logk, tile, valid, scale, out_scale);
+    first_pass<Tin, Tout, E, true>(x, y, s, plan.first, logk, tile, valid, scale, out_scale,
+                                   inv_scale);
     return;
   }
-  first_pass<Tin, Tout, E, false>(x, y, s, plan.first, logk, tile, valid, scale, out_scale);
+  first_pass<Tin, Tout, E, false>(x, y, s, plan.first, logk, tile, valid, scale, out_scale,
+                                  inv_scale);
   float* hm = s + tile;
   if (M > 1)
     for (int i = threadIdx.x; i < M * M; i += blockDim.x) hm[i] = had_m[i];
@@ -353,12 +380,12 @@ __global__ void __launch_bounds__(kMaxThreads) __maxnreg__(max_registers(M, log2
   }
   if constexpr (M == 1) {
     with_constant<1, log2_of(E) - 1>(plan.last.bits, [&](auto bits) {
-      output_pass<Tout, 2 << bits()>(s, y, plan.last, tile, valid, scale, out_scale);
+      output_pass<Tout, 2 << bits()>(s, y, plan.last, tile, valid, scale, out_scale, inv_scale);
     });
   } else {
     with_constant<0, final_bits(M)>(logk - plan.final_lo, [&](auto bits) {
       base_matrix_pass<Tout, M, 1 << bits()>(s, hm, y, logk, plan.final_lo, nrows, scale,
-                                             out_scale);
+                                             out_scale, inv_scale);
     });
   }
 }
@@ -473,8 +500,12 @@ cudaError_t launch_plan(const void* x, const float* had_m, const HadPlan& plan, 
     if (err != cudaSuccess) return err;
   }
   const int64_t blocks = (rows + plan.rows - 1) / plan.rows;
+  // int8: the fast path's 1/out_scale, once per launch (NaN, i.e. always divide, for scales
+  // outside the range quantize_int8_div's argument covers)
+  const float inv_scale = std::is_same<Tout, int8_t>::value ? quantize_int8_inv(out_scale) : 0.f;
   kernel<<<static_cast<unsigned>(blocks), plan.threads, smem, stream>>>(
-      static_cast<const Tin*>(x), had_m, plan, logk, scale, out_scale, static_cast<Tout*>(y), rows);
+      static_cast<const Tin*>(x), had_m, plan, logk, scale, out_scale, static_cast<Tout*>(y), rows,
+      inv_scale);
   return launch_status();
 }
 
