@@ -234,10 +234,17 @@ def _fake_kernels(monkeypatch) -> None:
     monkeypatch.setattr(Q, "add_rmsnorm", strict(add_rmsnorm))
     monkeypatch.setattr(Q, "gated_rmsnorm", strict(Q.reference_gated_rmsnorm, True))  # x, z: any row stride
     monkeypatch.setattr(Q, "dt_proj_state_update", strict(Q.reference_dt_proj_state_update, True))  # dbc, z: slices
-    monkeypatch.setattr(Q, "gemv_w8a16", strict(lambda x, q, s, b=None: Q.reference_w8a16(x, q, s, b).to(x.dtype), True))
-    monkeypatch.setattr(Q, "gemv_w4a16", strict(lambda x, p, s, b=None: Q.reference_w4a16(x, p, s, b).to(x.dtype), True))
-    monkeypatch.setattr(Q, "gemv_w8a8",
-                        strict(lambda x, xs, q, s, b=None: Q.reference_w8a8(x, xs, q, s, b).to(x.dtype), True))
+    def gemv(reference):
+        """A GEMV launcher as a torch reference, with the conv update of its epilogue (ConvUpdate)."""
+        def fake(x, *args, conv=None):
+            y = reference(x, *args).to(x.dtype)
+            return y if conv is None else Q.reference_conv_columns(y, conv)
+        fake.__name__ = reference.__name__
+        return strict(fake, True)
+
+    monkeypatch.setattr(Q, "gemv_w8a16", gemv(Q.reference_w8a16))
+    monkeypatch.setattr(Q, "gemv_w4a16", gemv(Q.reference_w4a16))
+    monkeypatch.setattr(Q, "gemv_w8a8", gemv(Q.reference_w8a8))
     monkeypatch.setattr(Q, "triton", object())
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
 
@@ -291,29 +298,87 @@ INTERPRETER_SHAPES = [(2, 5, 2176), (3, 7, 256), (1, 1100, 128), (17, 24, 256)]
 GEMV_BOUND = 1e-3  # float16 output rounding; the sums themselves are float32 / exact int32
 
 
+def _gemv_call(mode: str, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, group: int = 128):
+    """(launch(out=, conv=), float64 reference, x as the launch takes it) of one Triton GEMV ``mode`` with
+    float weights w [N, K] quantized as the mode needs."""
+    if mode == "float":  # float16 weights; beyond 4 rows (and on the CPU) gemv_float is F.linear
+        w16 = w.to(x.dtype)
+        return lambda **kw: Q.gemv_float(x, w16, bias, **kw), Q.reference_float(x, w16, bias), x
+    if mode == "w4a16":
+        p, s = Q.quantize_w4(w, group)
+        return lambda **kw: Q.gemv_w4a16(x, p, s, bias, **kw), Q.reference_w4a16(x, p, s, bias), x
+    q, s = Q.quantize_w8(w)
+    if mode == "w8a16":
+        return lambda **kw: Q.gemv_w8a16(x, q, s, bias, **kw), Q.reference_w8a16(x, q, s, bias), x
+    xs = float(x.float().abs().max()) / 127 * 0.7  # saturates the largest inputs on purpose
+    xin = Q.quantize_activation(x, xs) if mode.endswith("int8-in") else x
+    return lambda **kw: Q.gemv_w8a8(xin, xs, q, s, bias, **kw), Q.reference_w8a8(xin, xs, q, s, bias), xin
+
+
 def _gemv_rel_err(mode: str, shape: tuple[int, int, int], device: str) -> float:
     """One Triton GEMV of ``mode`` (biased for odd M) into a NaN-filled ``out``, relative error vs float64."""
     m, n, k = shape
     x = torch.randn(m, k, device=device, dtype=torch.float16)
     w = torch.randn(n, k, device=device) * 0.05
     bias = torch.randn(n, device=device) if m % 2 else None
+    launch, ref, _ = _gemv_call(mode, x, w, bias)
     out = torch.full((m, n), float("nan"), device=device, dtype=torch.float16)
-    if mode == "float":  # float16 weights; beyond 4 rows (and on the CPU) gemv_float is F.linear
-        w16 = w.half()
-        got, ref = Q.gemv_float(x, w16, bias, out=out), Q.reference_float(x, w16, bias)
-    elif mode == "w4a16":
-        p, s = Q.quantize_w4(w, 128)
-        got, ref = Q.gemv_w4a16(x, p, s, bias, out=out), Q.reference_w4a16(x, p, s, bias)
-    else:
-        q, s = Q.quantize_w8(w)
-        if mode == "w8a16":
-            got, ref = Q.gemv_w8a16(x, q, s, bias, out=out), Q.reference_w8a16(x, q, s, bias)
-        else:
-            xs = float(x.float().abs().max()) / 127 * 0.7  # saturates the largest inputs on purpose
-            xin = Q.quantize_activation(x, xs) if mode.endswith("int8-in") else x
-            got, ref = Q.gemv_w8a8(xin, xs, q, s, bias, out=out), Q.reference_w8a8(xin, xs, q, s, bias)
+    got = launch(out=out)
     assert got.data_ptr() == out.data_ptr()
     return rel_err(got, ref)
+
+
+# Decode GEMVs ending in the conv update (Q.ConvUpdate), (M, N, K, conv start, conv channels, width,
+# conv bias, dtype): Mamba-1 130M's in_proj (x: the first half), Mamba-2 130M's (xBC: the middle), and
+# ranges that start and end inside a program's rows (N = 37: up to the rows that the last W4 program
+# shares with its neighbour), a width of 3 and of 1 (no state), all columns.
+CONV_GEMV_CASES = [
+    (1, 3072, 768, 0, 1536, 4, True, "float16"), (1, 3352, 768, 1536, 1792, 4, True, "float16"),
+    (3, 700, 384, 101, 333, 3, False, "bfloat16"), (4, 200, 256, 0, 200, 4, True, "float16"),
+    (2, 37, 256, 3, 34, 4, True, "float16"), (2, 37, 128, 5, 32, 1, True, "float16"),
+]
+CONV_GEMV_INTERPRETER_CASES = [(2, 37, 256, 5, 32, 4, True, "float16"), (3, 13, 128, 0, 13, 3, False, "bfloat16"),
+                               (1, 9, 128, 4, 5, 1, True, "float16")]
+
+
+def _conv_gemv_errs(mode: str, case: tuple, device: str) -> dict[str, float]:
+    """One GEMV with the conv update on fresh random inputs, its output NaN-poisoned first, vs float64:
+    the plain columns and the value entering the conv state vs the GEMV's float64 reference; the conv
+    columns vs the float64 conv of the old window and that value; the rest of the state must be the
+    old state shifted by one, exactly. Returns each part's relative error."""
+    m, n, k, start, c, width, has_bias, dtype = case
+    dt = getattr(torch, dtype)
+    x = torch.randn(m, k, device=device).to(dt)
+    w = torch.randn(n, k, device=device) * 0.05
+    bias = torch.randn(n, device=device) if m % 2 else None
+    launch, ref, _ = _gemv_call(mode, x, w, bias, group=128 if k % 128 == 0 else 32)
+    state = torch.randn(m, c, width - 1, device=device).to(dt)
+    old = state.clone()
+    cw = torch.randn(c, width, device=device) * 0.5
+    cb = torch.randn(c, device=device) if has_bias else None
+    out_dtype = torch.float16 if mode.endswith("int8-in") else dt
+    if out_dtype != dt:
+        state, old = state.to(out_dtype), old.to(out_dtype)
+    out = torch.full((m, n), float("nan"), device=device, dtype=out_dtype)
+    got = launch(out=out, conv=Q.ConvUpdate(state, cw, cb, start))
+    assert got.data_ptr() == out.data_ptr() and state.shape == old.shape
+    assert torch.equal(state[..., :-1], old[..., 1:]), "the conv state is not the old one shifted"
+    plain = torch.ones(n, dtype=torch.bool)
+    plain[start:start + c] = False
+    entered = state[..., -1] if width > 1 else None
+    errs = {"plain": rel_err(got[:, plain.to(device)], ref[:, plain.to(device)]) if plain.any() else 0.0}
+    if entered is not None:
+        errs["entered"] = rel_err(entered, ref[:, start:start + c])
+        window = torch.cat([old.double(), entered.double()[..., None]], dim=-1)
+    else:  # nothing to read the entering value back from: the GEMV's own rounding of it
+        window = ref[:, start:start + c].to(out_dtype).double()[..., None]
+    conv = (window * cw.double()).sum(-1) + (cb.double() if cb is not None else 0.0)
+    errs["conv"] = rel_err(got[:, start:start + c], torch.nn.functional.silu(conv))
+    return errs
+
+
+def _conv_gemv_bound(case: tuple) -> float:
+    return W4_BOUND[case[-1]]
 
 
 @needs_gpu
@@ -322,6 +387,30 @@ def _gemv_rel_err(mode: str, shape: tuple[int, int, int], device: str) -> float:
 @pytest.mark.parametrize("shape", GEMV_SHAPES)
 def test_triton_gemv_vs_float64(mode: str, shape: tuple[int, int, int]) -> None:
     assert _gemv_rel_err(mode, shape, "cuda") < GEMV_BOUND
+
+
+@needs_gpu
+@needs_triton
+@pytest.mark.parametrize("few_programs", [False, True])
+@pytest.mark.parametrize("mode", GEMV_MODES)
+@pytest.mark.parametrize("case", CONV_GEMV_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_gemv_conv_update_vs_float64(mode: str, case: tuple, few_programs: bool, monkeypatch) -> None:
+    """few_programs: the most rows per program (32 in the W8/float kernel, 8 in the W4 one, whose last
+    program then overlaps its neighbour's rows, which it must leave alone)."""
+    if few_programs:
+        monkeypatch.setattr(Q, "_GEMV_PROGRAMS", 1)
+        monkeypatch.setattr(Q, "_W4_GEMV_WARPS", 1)
+    errs = _conv_gemv_errs(mode, case, "cuda")
+    assert max(errs.values()) < _conv_gemv_bound(case), errs
+
+
+def test_conv_update_outside_the_gemv_kernels_is_rejected() -> None:
+    """A GEMM-sized input (or no GEMV kernel) cannot take the conv update: the caller runs it apart."""
+    x = torch.zeros(5, 32, dtype=torch.float16)
+    conv = Q.ConvUpdate(torch.zeros(5, 8, 3, dtype=torch.float16), torch.zeros(8, 4), None, 0)
+    assert not Q.fuses_conv_update(x) and not Q.fuses_conv_update(x[:1].float())
+    with pytest.raises(ValueError, match=r"gemv_float: the conv update runs in the decode GEMV kernels only .* got 5 rows"):
+        Q.gemv_float(x, torch.zeros(16, 32, dtype=torch.float16), conv=conv)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -406,6 +495,19 @@ def test_triton_gemv_in_interpreter() -> None:
         " for s in INTERPRETER_SHAPES]))", timeout_s=600)
     assert len(errs) == len(GEMV_MODES) * len(INTERPRETER_SHAPES)
     assert all(err < GEMV_BOUND for _, _, err in errs), errs
+
+
+@needs_triton
+@needs_interpreter
+def test_gemv_conv_update_in_interpreter() -> None:
+    """The decode GEMV kernels with the conv update (CONV_GEMV_INTERPRETER_CASES) in Triton's interpreter,
+    with up to 8 rows per W4 program (the last one overlapping its neighbour)."""
+    errs = _in_interpreter(
+        "import json, torch; from tests.test_cuda_backend import _conv_gemv_errs, GEMV_MODES, Q,"
+        " CONV_GEMV_INTERPRETER_CASES as C; torch.manual_seed(0); Q._W4_GEMV_WARPS = 1;"
+        "print(json.dumps([[m, c, _conv_gemv_errs(m, c, 'cpu')] for m in GEMV_MODES for c in C]))", timeout_s=600)
+    assert len(errs) == len(GEMV_MODES) * len(CONV_GEMV_INTERPRETER_CASES)
+    assert all(max(e.values()) < _conv_gemv_bound(c) for _, c, e in errs), errs
 
 
 # W4 GEMV cases (M, N, K, group, dtype, x layout) for the GPU and, with the most rows per program (so
@@ -603,7 +705,7 @@ def _dt_update_errors(case: tuple, device: str) -> list:
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen)
 
-    x = rand(b, dim).to(device=device, dtype=dt)
+    x = rand(b, dim + 5).to(device=device, dtype=dt)[:, :dim]  # a row stride of its own (in_proj's output)
     dbc = rand(b, r + 2 * n + 3).to(device=device, dtype=dt)[:, :r + 2 * n]  # a row stride of its own
     w = rand(dim, r) * r ** -0.5
     if weights == "w8":
@@ -658,7 +760,7 @@ def test_dt_proj_state_update_rejects_bad_inputs() -> None:
                                   "weight_scale": torch.ones(dim, 3)})
     with pytest.raises(ValueError, match="an int8 weight needs weight_scale"):
         Q.dt_proj_state_update(**{**args, "weight": torch.zeros(dim, r, dtype=torch.int8)})
-    with pytest.raises(ValueError, match=r"x is torch.float64 \(2, 8\), expected contiguous \(2, 8\) in one of"):
+    with pytest.raises(ValueError, match=r"x is torch.float64 \(2, 8\) with strides \(8, 1\), expected \(2, 8\) with unit stride along DIM"):
         Q.dt_proj_state_update(**{**args, "x": torch.zeros(b, dim, dtype=torch.float64)})
     with pytest.raises(ValueError, match=r"z is .* with strides \(1, 2\), expected torch.float16 \(2, 8\)"):
         Q.dt_proj_state_update(**args, z=torch.zeros(dim, b, dtype=h).T)
@@ -740,17 +842,22 @@ def test_backend_float32_logits_and_greedy_tokens(name: str) -> None:
 
 @needs_gpu
 @needs_triton
+@pytest.mark.parametrize("batch", [1, 3, 6])
 @pytest.mark.parametrize("name", ["mamba1", "mamba2"])
-def test_backend_float16_within_bound(name: str) -> None:
+def test_backend_float16_within_bound(name: str, batch: int) -> None:
+    """Batch 1 and 3 decode with the conv update in in_proj's GEMV kernel, 6 with the separate kernel
+    after a GEMM."""
     from edgessm.runtime.backend import TorchBackend
     from edgessm.runtime.cuda_backend import CudaBackend
 
     model = _model(name)
     ref = TorchBackend(copy.deepcopy(model).half(), device="cuda")
     backend = CudaBackend(model, dtype=torch.float16)
-    errs = _teacher_forced(backend, ref.model, _tokens(model.config.vocab_size, 1, 40, seed=5), steps=16)
-    print(f"{name} float16 teacher-forced logits rel err: max {max(errs):.2e}")
+    errs = _teacher_forced(backend, ref.model, _tokens(model.config.vocab_size, batch, 40, seed=5), steps=16)
+    print(f"{name} float16 batch {batch} teacher-forced logits rel err: max {max(errs):.2e}")
     assert max(errs) < FP16_BOUND, errs
+    if batch > 1:
+        return
     # Greedy decoding: where the tokens first differ, the reference's own logits must nearly tie.
     prompt = _tokens(model.config.vocab_size, 1, 9, seed=6).numpy()
     got, want = generate(backend, prompt, 32).new_tokens[0], generate(ref, prompt, 32).new_tokens[0]

@@ -9,12 +9,12 @@
 #
 # Environment: OUT (default out/gpu_ab), ONLY (the harness/benchmark --only filter; empty = all
 # kernels), CUDA_ARCHS (default 90), PYTHON (default python3), DECODE_ARGS (when set, also time
-# benchmarks/gpu_decode.py with these arguments in both trees), SKIP_CHECK=1 (no correctness run),
+# benchmarks/gpu_decode.py with these arguments in both trees; DECODE_TWICE=1: A, B, A, B), SKIP_CHECK=1 (no correctness run),
 # SKIP_KERNEL_BENCH=1 (no kernel benchmark: for patches outside plugins/), B_TESTS (pytest files run
 # in tree B against its kernels, e.g. tests/test_cuda_backend.py), TensorRT_ROOT (TensorRT headers:
 # also run the TensorRT plugin harness on tree B, whose plugins call the patched launchers),
 # B_BENCH_ARGS (more benchmark arguments for tree B only, e.g. "--kernel-times --ssd-variants '0,0 4,2,4'").
-# Results: $OUT/{a,b}{1,2}/bench_kernels.json, $OUT/b/check_kernels.json, $OUT/{a,b}/gpu_decode.json.
+# Results: $OUT/{a,b}{1,2}/bench_kernels.json, $OUT/b/check_kernels.json, $OUT/{a,b,a2,b2}/gpu_decode.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 patch_file=$(realpath "${1:?usage: tools/gpu_ab.sh PATCH}")
@@ -84,9 +84,11 @@ if [ "${SKIP_KERNEL_BENCH:-0}" != 1 ]; then
 fi
 
 if [ -n "${DECODE_ARGS:-}" ]; then
-  for side in a b; do
+  sides="a b"
+  [ "${DECODE_TWICE:-0}" = 1 ] && sides="a b a2 b2"
+  for side in $sides; do
     tree=$tree_a lib=$lib_a
-    [ "$side" = b ] && tree=$tree_b lib=$lib_b
+    [ "${side:0:1}" = b ] && tree=$tree_b lib=$lib_b
     mkdir -p "$OUT/$side"
     echo "== decode benchmark $side"
     # shellcheck disable=SC2086

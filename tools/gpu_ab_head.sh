@@ -24,5 +24,5 @@ grep -v "^    " /tmp/ab.log | tail -30
 cd /tmp/ab_out || exit 2
 for f in a1 b1 a2 b2; do [ -f $f/bench_kernels.log ] && cp $f/bench_kernels.log "$OUT_DIR/bench_$f.log"; done
 for f in b/check_kernels.log b/trt_harness.log b/tests.log; do [ -f $f ] && cp $f "$OUT_DIR/$(basename $f)"; done
-for s in a b; do [ -f $s/gpu_decode.log ] && cp $s/gpu_decode.log "$OUT_DIR/decode_$s.log"; done
+for s in a b a2 b2; do [ -f $s/gpu_decode.log ] && cp $s/gpu_decode.log "$OUT_DIR/decode_$s.log"; done
 cp /tmp/ab.log "$OUT_DIR/ab.log"

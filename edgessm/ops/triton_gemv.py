@@ -15,7 +15,9 @@ Quantized weight formats (all symmetric, no zero point; ``W`` is the float weigh
 
 Decode (M = batch <= 4) runs the GEMV kernels: each program owns a few output rows of one row of x
 and streams them over K in wide tiles, multiplying element-wise and reducing once at the end; the
-step is bound by reading the weights once. The W8 one also serves unquantized float16/bfloat16
+step is bound by reading the weights once. The GEMV kernels can end in the decode step's causal
+conv1d update (``ConvUpdate``): in_proj's x (Mamba-1) or xBC (Mamba-2) columns leave the kernel
+convolved, with the conv state shifted, which saves the decode step one launch per layer. The W8 one also serves unquantized float16/bfloat16
 weights (``gemv_float``, the CUDA backend's ``weights="float"``). The W4 one reads the packed weights as int32 words (8
 nibbles, low nibble first) and is compiled for each K, its K steps unrolled. Larger M runs the GEMM kernels, which tile M (tokens) by
 16 or 64 and N (outputs) by 16..64 on tensor cores and stream K. Every GEMV/GEMM kernel has a
@@ -31,10 +33,13 @@ weight may be float, W8 or W4.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from edgessm.errors import BackendUnavailable
+from edgessm.ops import conv as conv_ops
 from edgessm.ops import scan as scan_ops
 
 try:
@@ -101,6 +106,43 @@ def quantize_activation(x: torch.Tensor, x_scale: float) -> torch.Tensor:
     """The A8 activation quantizer, exactly as the kernel computes it (float32 multiply by 1/scale)."""
     inv = torch.tensor(1.0 / x_scale, dtype=torch.float32)
     return torch.round(torch.clamp(x.float() * inv.to(x.device), -128.0, 127.0)).to(torch.int8)
+
+
+# ---- the conv update fused into a decode GEMV -----------------------------------------------------------
+@dataclass(frozen=True)
+class ConvUpdate:
+    """The one-token causal conv1d update with SiLU (edgessm.ops.conv.causal_conv1d_update) of output
+    columns [start, start + C) of a decode GEMV, run in its epilogue: those columns of y leave the kernel
+    convolved, and ``state`` [M, C, width - 1] (y's dtype, contiguous) is shifted in place to end with
+    their unconvolved values (rounded to y's dtype, as the separate kernel would read them from y).
+    ``weight`` [C, width] and ``bias`` [C] are float32."""
+
+    state: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    start: int
+
+    @property
+    def channels(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.weight.shape[1]
+
+    def columns(self, y: torch.Tensor) -> torch.Tensor:
+        """The view of y [M, N] that the update convolves."""
+        return y[:, self.start:self.start + self.channels]
+
+
+def reference_conv_columns(y: torch.Tensor, conv: ConvUpdate) -> torch.Tensor:
+    """What a GEMV with ``conv`` computes from the plain GEMV's output y [M, N] (in the output dtype): the
+    conv columns replaced by the conv update of their values; ``conv.state`` is updated in place."""
+    cols, new_state = conv_ops.causal_conv1d_update(conv.columns(y), conv.state, conv.weight, conv.bias, True)
+    conv.state.copy_(new_state)
+    out = y.clone()
+    conv.columns(out).copy_(cols)
+    return out
 
 
 # ---- float64 references -------------------------------------------------------------------------------
@@ -188,12 +230,12 @@ if triton is not None:
         return xq
 
     @triton.jit
-    def _epilogue(acc, rn, mask_n, y_ptrs, mask_y, ws_ptr, b_ptr, x_scale,
+    def _epilogue(acc, rn, mask_n, ws_ptr, b_ptr, x_scale,
                   CHANNEL_SCALE: tl.constexpr, A8: tl.constexpr, HAS_BIAS: tl.constexpr):
-        """Every kernel's output: acc [BLOCK_N] (GEMV) or [BLOCK_M, BLOCK_N] (GEMM) over the output
-        channels rn, times the per-channel weight scale (W8; W4 applies its group scales in the K loop)
-        and the activation scale (A8), plus the bias, stored in y's dtype. Rank-1 operands broadcast
-        along the last axis, so one body serves both shapes."""
+        """Every kernel's output in float32: acc [BLOCK_N] (GEMV) or [BLOCK_M, BLOCK_N] (GEMM) over the
+        output channels rn, times the per-channel weight scale (W8; W4 applies its group scales in the K
+        loop) and the activation scale (A8), plus the bias. Rank-1 operands broadcast along the last
+        axis, so one body serves both shapes."""
         y = acc.to(tl.float32)
         if CHANNEL_SCALE:
             y = y * tl.load(ws_ptr + rn, mask=mask_n, other=0.0)
@@ -201,7 +243,41 @@ if triton is not None:
             y = y * x_scale
         if HAS_BIAS:
             y += tl.load(b_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)
-        tl.store(y_ptrs, y.to(y_ptrs.dtype.element_ty), mask=mask_y)
+        return y
+
+    @triton.jit
+    def _conv_columns(y, rows, mask, m, state_ptr, cw_ptr, cb_ptr, start, C,
+                      W: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """A decode GEMV's outputs y [rows] (float32) of activation row m with the conv update of
+        ConvUpdate applied to the rows in [start, start + C) (others pass through): the value rounded
+        to the state's dtype enters the window, the whole window is read before it is shifted, and the
+        sum runs as the CUDA kernel's (bias first, then one FMA per tap, oldest first), then SiLU.
+
+        rows usually sits in a layout that repeats each value over several threads, all of which load
+        the window, while one of them stores the shifted state: the barrier keeps every copy's loads
+        ahead of that store (without it, on an H100, copies that read the shifted window wrote wrong
+        outputs at 32 rows per program)."""
+        io = state_ptr.dtype.element_ty
+        c = rows - start
+        mine = mask & (c >= 0) & (c < C)
+        x = y.to(io)
+        s_row = state_ptr + (m * C + c) * (W - 1)
+        win = ()
+        for j in tl.static_range(W - 1):
+            win = win + (tl.load(s_row + j, mask=mine, other=0.0),)
+        if HAS_BIAS:
+            acc = tl.load(cb_ptr + c, mask=mine, other=0.0)
+        else:
+            acc = tl.zeros_like(y)
+        for j in tl.static_range(W - 1):
+            acc = tl.fma(tl.load(cw_ptr + c * W + j, mask=mine, other=0.0), win[j].to(tl.float32), acc)
+        acc = tl.fma(tl.load(cw_ptr + c * W + (W - 1), mask=mine, other=0.0), x.to(tl.float32), acc)
+        tl.debug_barrier()
+        for j in tl.static_range(W - 2):
+            tl.store(s_row + j, win[j + 1], mask=mine)
+        if W > 1:
+            tl.store(s_row + (W - 2), x, mask=mine)
+        return tl.where(mine, acc / (1.0 + tl.exp(-acc)), y)
 
     @triton.jit
     def _w8_kernel(
@@ -225,8 +301,9 @@ if triton is not None:
                 acc += tl.dot(_a8_input(x, x_inv_scale, X_INT8), tl.trans(w))
             else:
                 acc += tl.dot(x, tl.trans(w.to(x.dtype)))
-        _epilogue(acc, rn, mask_n, y_ptr + rm[:, None] * stride_ym + rn[None, :], mask_m[:, None] & mask_n[None, :],
-                  ws_ptr, b_ptr, x_scale, CHANNEL_SCALE=True, A8=A8, HAS_BIAS=HAS_BIAS)
+        y = _epilogue(acc, rn, mask_n, ws_ptr, b_ptr, x_scale, CHANNEL_SCALE=True, A8=A8, HAS_BIAS=HAS_BIAS)
+        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=mask_m[:, None] & mask_n[None, :])
 
     @triton.jit
     def _w4_kernel(
@@ -253,8 +330,9 @@ if triton is not None:
             part = tl.dot(x_even, tl.trans(lo.to(x_even.dtype))) + tl.dot(x_odd, tl.trans(hi.to(x_odd.dtype)))
             s = tl.load(s_ptr + rn * n_groups + g, mask=mask_n, other=0.0)
             acc += part * s[None, :]
-        _epilogue(acc, rn, mask_n, y_ptr + rm[:, None] * stride_ym + rn[None, :], mask_m[:, None] & mask_n[None, :],
-                  None, b_ptr, 1.0, CHANNEL_SCALE=False, A8=False, HAS_BIAS=HAS_BIAS)
+        y = _epilogue(acc, rn, mask_n, None, b_ptr, 1.0, CHANNEL_SCALE=False, A8=False, HAS_BIAS=HAS_BIAS)
+        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=mask_m[:, None] & mask_n[None, :])
 
     @triton.jit
     def _int_to_f32(u):
@@ -266,8 +344,9 @@ if triton is not None:
     @triton.jit
     def _rows_gemv_kernel(
         x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, N, K, stride_xm, stride_ym, x_inv_scale, x_scale,
+        cs_ptr, cw_ptr, cb_ptr, conv_start, conv_c,
         A8: tl.constexpr, X_INT8: tl.constexpr, HAS_BIAS: tl.constexpr, W16: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        CONV_W: tl.constexpr, CONV_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         # Decode (few rows of x): program (i, m) owns BLOCK_N output rows of activation row m and
         # streams them over K in wide tiles; products accumulate element-wise in a 2D register tile and
@@ -293,8 +372,11 @@ if triton is not None:
                 # (q ^ 0x80) & 0xFF = q + 128 in [0, 255]
                 wf = _int_to_f32((w.to(tl.int32) ^ 0x80) & 0xFF) - 8388736.0  # 2**23 + 128
                 acc += wf * x.to(tl.float32)[None, :]
-        _epilogue(tl.sum(acc, axis=1), rn, mask_n, y_ptr + m * stride_ym + rn, mask_n, ws_ptr, b_ptr, x_scale,
-                  CHANNEL_SCALE=not W16, A8=A8, HAS_BIAS=HAS_BIAS)
+        y = _epilogue(tl.sum(acc, axis=1), rn, mask_n, ws_ptr, b_ptr, x_scale, CHANNEL_SCALE=not W16, A8=A8,
+                      HAS_BIAS=HAS_BIAS)
+        if CONV_W > 0:  # (CONV_W: the conv width, 0 without the conv update)
+            y = _conv_columns(y, rn, mask_n, m, cs_ptr, cw_ptr, cb_ptr, conv_start, conv_c, CONV_W, CONV_BIAS)
+        tl.store(y_ptr + m * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=mask_n)
 
     @triton.jit
     def _w4_nibble(u, I: tl.constexpr, fmagic):
@@ -342,8 +424,8 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["fmagic"])
     def _w4_gemv_kernel(
-        x_ptr, p_ptr, s_ptr, b_ptr, y_ptr, N, stride_xm, stride_ym, fmagic,
-        K: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+        x_ptr, p_ptr, s_ptr, b_ptr, y_ptr, N, stride_xm, stride_ym, fmagic, cs_ptr, cw_ptr, cb_ptr, conv_start, conv_c,
+        K: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, CONV_W: tl.constexpr, CONV_BIAS: tl.constexpr,
         BLOCK_N: tl.constexpr, VEC: tl.constexpr, BLOCK_W: tl.constexpr, BATCH: tl.constexpr,
     ):
         # Decode (few rows of x): program (i, m) owns BLOCK_N output rows of activation row m. The packed
@@ -366,7 +448,7 @@ if triton is not None:
         EVEN: tl.constexpr = KW % BLOCK_W == 0
         F16: tl.constexpr = x_ptr.dtype.element_ty == tl.float16
         # The last program is moved back to end at row N (it recomputes rows of its neighbour and stores
-        # the same values), so that no row needs a mask.
+        # only its own), so that no load needs a mask.
         r0 = tl.minimum(tl.program_id(0) * BLOCK_N, N - BLOCK_N)
         m = tl.program_id(1)
         zero = fmagic >> 31
@@ -434,7 +516,12 @@ if triton is not None:
         rows = r0 + tl.arange(0, BLOCK_N)
         if HAS_BIAS:
             y += tl.load(b_ptr + rows).to(tl.float32)
-        tl.store(y_ptr + m * stride_ym + rows, y.to(y_ptr.dtype.element_ty))
+        # the rows this program owns: the last one, moved back, leaves its neighbour's rows to it (the
+        # conv update of a row must run once)
+        own = rows >= tl.program_id(0) * BLOCK_N
+        if CONV_W > 0:
+            y = _conv_columns(y, rows, own, m, cs_ptr, cw_ptr, cb_ptr, conv_start, conv_c, CONV_W, CONV_BIAS)
+        tl.store(y_ptr + m * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=own)
 
     @triton.jit
     def _add_rmsnorm_kernel(
@@ -477,7 +564,7 @@ if triton is not None:
     @triton.jit
     def _dt_state_update_kernel(
         state_ptr, x_ptr, dbc_ptr, w_ptr, ws_ptr, bias_ptr, A_ptr, D_ptr, z_ptr, y_ptr,
-        DIM, R, N, stride_dbc, stride_z,
+        DIM, R, N, stride_x, stride_dbc, stride_z,
         W8: tl.constexpr, W4: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr,
         HAS_Z: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
@@ -505,7 +592,7 @@ if triton is not None:
         A = tl.load(A_ptr + rd[:, None] * N + rn[None, :], mask=m2, other=0.0)
         Bv = tl.load(dbc + R + rn, mask=mn, other=0.0).to(tl.float32)
         Cv = tl.load(dbc + R + N + rn, mask=mn, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + b * DIM + rd, mask=md, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + b * stride_x + rd, mask=md, other=0.0).to(tl.float32)
         io = y_ptr.dtype.element_ty
         if W4:
             lo = (((packed & 0xF) ^ 8) - 8).to(tl.float32)
@@ -638,6 +725,43 @@ def _w4_gemv_config(n: int, k: int) -> tuple[int, int, int, int, int]:
     return block_n, vec, block_w, batch, warps
 
 
+def _check_conv(name: str, conv: ConvUpdate, y: torch.Tensor) -> None:
+    """conv against the GEMV's output y [M, N]."""
+    m, n = y.shape
+    c, width = conv.weight.shape if conv.weight.dim() == 2 else (0, 0)
+    if width < 1 or not 0 <= conv.start <= n - c or c < 1:
+        raise ValueError(f"{name}: the conv update's weight {tuple(conv.weight.shape)} at column {conv.start} does "
+                         f"not lie within the output's {n} columns (expected [C, width] with start + C <= {n})")
+    _check_param(name, "conv weight", conv.weight, (c, width), torch.float32, y.device)
+    if conv.bias is not None:
+        _check_param(name, "conv bias", conv.bias, (c,), torch.float32, y.device)
+    _check_param(name, "conv state", conv.state, (m, c, width - 1), y.dtype, y.device)
+
+
+def _conv_args(name: str, conv: ConvUpdate | None, y: torch.Tensor) -> tuple:
+    """The GEMV kernels' conv arguments (state, weight, bias, start, C), checked against y."""
+    if conv is None:
+        return None, None, None, 0, 0
+    _check_conv(name, conv, y)
+    return conv.state, conv.weight, conv.bias, conv.start, conv.channels
+
+
+def _conv_flags(conv: ConvUpdate | None) -> dict[str, int | bool]:
+    return dict(CONV_W=0 if conv is None else conv.width, CONV_BIAS=conv is not None and conv.bias is not None)
+
+
+def _no_conv_beyond_gemv(name: str, conv: ConvUpdate | None, m: int) -> None:
+    if conv is not None:
+        raise ValueError(f"{name}: the conv update runs in the decode GEMV kernels only (at most {_GEMV_MAX_M} rows "
+                         f"of x and float16/bfloat16 activations; see fuses_conv_update), got {m} rows")
+
+
+def fuses_conv_update(x: torch.Tensor) -> bool:
+    """Whether a GEMV of x [M, K] runs a kernel that takes a ``conv=ConvUpdate`` (the decode GEMV kernels:
+    Triton present, M <= 4, 16-bit or int8 activations); otherwise run the conv separately."""
+    return triton is not None and x.shape[0] <= _GEMV_MAX_M and x.dtype in _A16 + (torch.int8,)
+
+
 def _gemv_setup(name: str, x: torch.Tensor, n: int, bias: torch.Tensor | None, out_dtype: torch.dtype,
                 out: torch.Tensor | None, min_block_n: int) -> tuple[torch.Tensor, int, tuple[int, int]]:
     """Output, BLOCK_N and grid (N blocks x rows of x) of a GEMV kernel: BLOCK_N shrinks from 32 to
@@ -647,13 +771,16 @@ def _gemv_setup(name: str, x: torch.Tensor, n: int, bias: torch.Tensor | None, o
 
 
 def _launch_w8(name: str, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-               out_dtype: torch.dtype, out: torch.Tensor | None, x_inv_scale: float, x_scale: float, a8: bool) -> torch.Tensor:
+               out_dtype: torch.dtype, out: torch.Tensor | None, x_inv_scale: float, x_scale: float, a8: bool,
+               conv: ConvUpdate | None) -> torch.Tensor:
     """Both W8 paths (A16 and A8): the GEMV kernel for decode-sized M, the GEMM kernel otherwise."""
     n, k = q.shape
     m = x.shape[0]
     flags = dict(A8=a8, X_INT8=x.dtype == torch.int8, HAS_BIAS=bias is not None)
     if m <= _GEMV_MAX_M:
-        return _launch_rows_gemv(name, x, q, scale, bias, out_dtype, out, x_inv_scale, x_scale, W16=False, **flags)
+        return _launch_rows_gemv(name, x, q, scale, bias, out_dtype, out, x_inv_scale, x_scale, conv, W16=False,
+                                 **flags)
+    _no_conv_beyond_gemv(name, conv, m)
     y, bm, bn, grid = _gemm_setup(name, x, n, bias, out_dtype, out)
     _w8_kernel[grid](x, q, scale, bias, y, m, n, k, x.stride(0), y.stride(0), x_inv_scale, x_scale,
              **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=256, num_warps=4, num_stages=3)
@@ -662,23 +789,25 @@ def _launch_w8(name: str, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
 
 def _launch_rows_gemv(name: str, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None,
                       bias: torch.Tensor | None, out_dtype: torch.dtype, out: torch.Tensor | None,
-                      x_inv_scale: float, x_scale: float, **flags: bool) -> torch.Tensor:
+                      x_inv_scale: float, x_scale: float, conv: ConvUpdate | None, **flags: bool) -> torch.Tensor:
     """The row-streaming GEMV kernel over weights w [N, K] (W8, or 16-bit floats with W16=True)."""
     n, k = w.shape
     y, bn, grid = _gemv_setup(name, x, n, bias, out_dtype, out, _W8_GEMV_MIN_BLOCK_N)
     bk = min(_GEMV_TILE // bn, max(triton.next_power_of_2(k), 64))  # powers of two, as tl.arange needs
     _rows_gemv_kernel[grid](x, w, scale, bias, y, n, k, x.stride(0), y.stride(0), x_inv_scale,
-                            x_scale, **flags, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+                            x_scale, *_conv_args(name, conv, y), **flags, **_conv_flags(conv), BLOCK_N=bn,
+                            BLOCK_K=bk, num_warps=4)
     return y
 
 
 def gemv_float(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+               out: torch.Tensor | None = None, conv: ConvUpdate | None = None) -> torch.Tensor:
     """y [M, N] = x [M, K] · w [N, K]^T (+ bias): for float16/bfloat16 x and w of the same dtype and M
     <= 4 the row-streaming GEMV kernel (the W8 one without the dequantization), else F.linear (cuBLAS
-    on a GPU): float32, larger M."""
+    on a GPU): float32, larger M. ``conv`` (GEMV kernel only): see ConvUpdate."""
     n, k = w.shape
     if x.dtype not in _A16 or x.shape[0] > _GEMV_MAX_M or triton is None:
+        _no_conv_beyond_gemv("gemv_float", conv, x.shape[0])
         if bias is None or bias.dtype == x.dtype:
             y = F.linear(x, w, bias)
         else:  # e.g. a float32 bias: added in float32, as the kernel's epilogue does
@@ -686,28 +815,31 @@ def gemv_float(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
         return y if out is None else out.copy_(y)
     _check_x("gemv_float", x, k, _A16)
     _check_param("gemv_float", "w", w, (n, k), x.dtype, x.device)
-    return _launch_rows_gemv("gemv_float", x, w, None, bias, x.dtype, out, 1.0, 1.0, W16=True, A8=False,
+    return _launch_rows_gemv("gemv_float", x, w, None, bias, x.dtype, out, 1.0, 1.0, conv, W16=True, A8=False,
                              X_INT8=False, HAS_BIAS=bias is not None)
 
 
 def gemv_w8a16(
-    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None, conv: ConvUpdate | None = None,
 ) -> torch.Tensor:
-    """y [M, N] = x [M, K] (float16/bfloat16) · (q int8 [N, K] * scale[N])^T (+ bias)."""
+    """y [M, N] = x [M, K] (float16/bfloat16) · (q int8 [N, K] * scale[N])^T (+ bias); ``conv`` (M <= 4):
+    see ConvUpdate."""
     n, k = q.shape
     _check_x("gemv_w8a16", x, k, _A16)
     _check_param("gemv_w8a16", "q", q, (n, k), torch.int8, x.device)
     _check_param("gemv_w8a16", "scale", scale, (n,), torch.float32, x.device)
     _require_triton()
-    return _launch_w8("gemv_w8a16", x, q, scale, bias, x.dtype, out, 1.0, 1.0, a8=False)
+    return _launch_w8("gemv_w8a16", x, q, scale, bias, x.dtype, out, 1.0, 1.0, a8=False, conv=conv)
 
 
 def gemv_w8a8(
     x: torch.Tensor, x_scale: float, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
-    out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None, conv: ConvUpdate | None = None,
 ) -> torch.Tensor:
     """x [M, K] float16/bfloat16 (quantized in the kernel with the per-tensor ``x_scale``) or int8
-    (already quantized with it) · (q int8 [N, K] * scale[N])^T, int32 accumulation."""
+    (already quantized with it) · (q int8 [N, K] * scale[N])^T, int32 accumulation; ``conv`` (M <= 4):
+    see ConvUpdate."""
     n, k = q.shape
     _check_x("gemv_w8a8", x, k, _A16 + (torch.int8,))
     _check_param("gemv_w8a8", "q", q, (n, k), torch.int8, x.device)
@@ -719,14 +851,15 @@ def gemv_w8a8(
     # Both scale factors go in as the float32 values the reference uses.
     xs = float(torch.tensor(x_scale, dtype=torch.float32))
     inv = float(torch.tensor(1.0 / x_scale, dtype=torch.float32))
-    return _launch_w8("gemv_w8a8", x, q, scale, bias, out_dtype, out, inv, xs, a8=True)
+    return _launch_w8("gemv_w8a8", x, q, scale, bias, out_dtype, out, inv, xs, a8=True, conv=conv)
 
 
 def gemv_w4a16(
     x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
+    out: torch.Tensor | None = None, conv: ConvUpdate | None = None,
 ) -> torch.Tensor:
-    """y [M, N] = x [M, K] · dequantize_w4(packed [N, K/2], scale [N, K/group])^T (+ bias)."""
+    """y [M, N] = x [M, K] · dequantize_w4(packed [N, K/2], scale [N, K/group])^T (+ bias); ``conv`` (M <=
+    4): see ConvUpdate."""
     n, half = packed.shape
     k = 2 * half
     _check_x("gemv_w4a16", x, k, _A16)
@@ -747,9 +880,11 @@ def gemv_w4a16(
             packed = packed.clone()
         bn, vec, bw, batch, warps = _w4_gemv_config(n, k)
         _w4_gemv_kernel[(triton.cdiv(n, bn), x.shape[0])](
-            x, packed, scale, bias, y, n, x.stride(0), y.stride(0), _W4_FMAGIC, K=k, GROUP=group,
-            HAS_BIAS=bias is not None, BLOCK_N=bn, VEC=vec, BLOCK_W=bw, BATCH=batch, num_warps=warps)
+            x, packed, scale, bias, y, n, x.stride(0), y.stride(0), _W4_FMAGIC, *_conv_args("gemv_w4a16", conv, y),
+            K=k, GROUP=group, HAS_BIAS=bias is not None, **_conv_flags(conv), BLOCK_N=bn, VEC=vec, BLOCK_W=bw,
+            BATCH=batch, num_warps=warps)
         return y
+    _no_conv_beyond_gemv("gemv_w4a16", conv, x.shape[0])
     y, bm, bn, grid = _gemm_setup("gemv_w4a16", x, n, bias, x.dtype, out)
     _w4_kernel[grid](x, packed, scale, bias, y, x.shape[0], n, k, x.stride(0), y.stride(0),
              HAS_BIAS=bias is not None, GROUP=group, BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=3)
@@ -832,7 +967,8 @@ def dt_proj_state_update(
 
     Separately they are two CUDA-graph nodes per layer, each costing more than its work; dt_proj is R
     (dt_rank) multiply-adds per channel, so each program computes its channels' dt itself.
-    state [B, DIM, N] float32 contiguous; x [B, DIM] float16/bfloat16/float32 contiguous; dbc [B, R + 2N] (x_proj's
+    state [B, DIM, N] float32 contiguous; x [B, DIM] float16/bfloat16/float32 with unit stride along DIM (any
+    row stride: x may be a column slice of in_proj's output); dbc [B, R + 2N] (x_proj's
     output: dt input, B, C) in x's dtype, unit stride along its row, R = dt_rank; weight: [DIM, R] in x's
     dtype, or the W8 format (int8 [DIM, R], ``weight_scale`` float32 [DIM]) or the W4 one (packed int8
     [DIM, R / 2], ``weight_scale`` float32 [DIM, R / group_size]; see the module docstring); A [DIM, N],
@@ -846,9 +982,9 @@ def dt_proj_state_update(
     if dbc.dim() != 2 or dbc.shape[1] <= 2 * n:
         raise ValueError(f"{name}: dbc is {tuple(dbc.shape)}, expected [B, dt_rank + 2 * {n}]")
     r = dbc.shape[1] - 2 * n
-    if x.dtype not in _NORM_DTYPES or tuple(x.shape) != (b, dim) or not x.is_contiguous():
-        raise ValueError(f"{name}: x is {x.dtype} {tuple(x.shape)}, expected contiguous {(b, dim)} in one of "
-                         f"{_NORM_DTYPES}")
+    if x.dtype not in _NORM_DTYPES or tuple(x.shape) != (b, dim) or x.stride(1) != 1:
+        raise ValueError(f"{name}: x is {x.dtype} {tuple(x.shape)} with strides {x.stride()}, expected {(b, dim)} "
+                         f"with unit stride along DIM in one of {_NORM_DTYPES}")
     if dbc.shape[0] != b or dbc.dtype != x.dtype or dbc.stride(1) != 1:  # (its width gave dt_rank)
         raise ValueError(f"{name}: dbc is {dbc.dtype} {tuple(dbc.shape)} with strides {dbc.stride()}, expected "
                          f"{x.dtype} {(b, r + 2 * n)} (dt_rank + 2 dstate) with unit stride along the row")
@@ -877,7 +1013,7 @@ def dt_proj_state_update(
     block_n = triton.next_power_of_2(n)
     block_d = max(4, min(32, 512 // block_n))  # a [block_d, block_n] state tile of <= 4 values per thread
     _dt_state_update_kernel[(triton.cdiv(dim, block_d), b)](
-        state, x, dbc, weight, weight_scale, dt_bias, A, D, z, y, dim, r, n, dbc.stride(0),
+        state, x, dbc, weight, weight_scale, dt_bias, A, D, z, y, dim, r, n, x.stride(0), dbc.stride(0),
         0 if z is None else z.stride(0), W8=quantized and not w4, W4=w4, GROUP=r // groups, HAS_BIAS=dt_bias is not None,
         HAS_D=D is not None, HAS_Z=z is not None, BLOCK_D=block_d, BLOCK_R=max(2, triton.next_power_of_2(r)),
         BLOCK_N=block_n, num_warps=4)

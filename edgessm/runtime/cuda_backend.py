@@ -3,7 +3,8 @@
 The model's own parameters are used; what changes is how a step executes:
 
 - scan, conv and state update go through libedgessm_kernels.so (``edgessm.ops.cuda_kernels``), but
-  for Mamba-1's decode state update (below);
+  for Mamba-1's decode state update (below) and the decode conv update, which runs in the epilogue of
+  in_proj's GEMV kernel where it can (``ConvUpdate``: batch <= 4, 16-bit activations);
 - residual add + RMSNorm is one Triton kernel per layer (``edgessm.ops.triton_gemv.add_rmsnorm``), and
   so is Mamba-2's gated RMSNorm (``gated_rmsnorm``, reading z in place from in_proj's output);
 - Mamba-1's decode step runs dt_proj inside its state update (``dt_proj_state_update``, a Triton kernel;
@@ -111,24 +112,32 @@ class DecodeLinear:
         self.act_scale = act_scale
         self._fn = self._select()
 
-    def _select(self) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _select(self) -> Callable[[torch.Tensor, Q.ConvUpdate | None], torch.Tensor]:
         t, b = self.tensors, self.bias
         if self.mode == "float":
-            return lambda x: Q.gemv_float(x, t[0], b)
+            return lambda x, conv: Q.gemv_float(x, t[0], b, conv=conv)
         if self.mode == "w8a16":
-            return lambda x: Q.gemv_w8a16(x, t[0], t[1], b)
+            return lambda x, conv: Q.gemv_w8a16(x, t[0], t[1], b, conv=conv)
         if self.mode == "w4a16":
-            return lambda x: Q.gemv_w4a16(x, t[0], t[1], b)
+            return lambda x, conv: Q.gemv_w4a16(x, t[0], t[1], b, conv=conv)
         scale = float(self.act_scale)
-        return lambda x: Q.gemv_w8a8(x, scale, t[0], t[1], b)
+        return lambda x, conv: Q.gemv_w8a8(x, scale, t[0], t[1], b, conv=conv)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., in_features] → [..., out_features]."""
+    def __call__(self, x: torch.Tensor, conv: Q.ConvUpdate | None = None) -> torch.Tensor:
+        """x [..., in_features] → [..., out_features]; with ``conv`` (decode: x [B, in_features]), the
+        conv update of Q.ConvUpdate on those output columns: in the GEMV kernel's epilogue where it
+        takes one (Q.fuses_conv_update), else as the separate CUDA kernel after it."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if x2.stride(-1) != 1:  # e.g. a transposed [B, C, L] activation: the GEMV kernels stream rows of x
             x2 = x2.contiguous()
-        return self._fn(x2).view(*lead, self.out_features)
+        if conv is None or Q.fuses_conv_update(x2):
+            y = self._fn(x2, conv)
+        else:
+            y = self._fn(x2, None)
+            cols = conv.columns(y)
+            cols.copy_(K.causal_conv1d_update(cols.contiguous(), conv.state, conv.weight, conv.bias))
+        return y.view(*lead, self.out_features)
 
     def nbytes(self) -> int:
         tensors = self.tensors + ((self.bias,) if self.bias is not None else ())
@@ -293,8 +302,8 @@ class CudaBackend:
         di, r, n = cfg.d_inner, cfg.dt_rank, cfg.d_state
 
         def mixer(i: int, ly: _Layer, h: torch.Tensor) -> torch.Tensor:
-            xz = ly.in_proj(h)
-            xc = K.causal_conv1d_update(xz[:, :di].contiguous(), st.conv[i], ly.conv_w, ly.conv_b)
+            xz = ly.in_proj(h, conv=Q.ConvUpdate(st.conv[i], ly.conv_w, ly.conv_b, 0))
+            xc = xz[:, :di]  # convolved
             dbc = ly.x_proj(xc)
             if ly.dt_proj.mode != "w8a8":  # dt_proj inside the state update: one graph node fewer
                 w = ly.dt_proj.tensors
@@ -302,7 +311,7 @@ class CudaBackend:
                                            xz[:, di:], ly.dt_bias)
             else:  # W8A8 quantizes dt_proj's input too, which the fused kernel does not
                 dt = ly.dt_proj(dbc[:, :r])
-                y = K.selective_state_update(st.ssm[i], xc, dt, ly.A, dbc[:, r:r + n].contiguous(),
+                y = K.selective_state_update(st.ssm[i], xc.contiguous(), dt, ly.A, dbc[:, r:r + n].contiguous(),
                                              dbc[:, r + n:].contiguous(), ly.D, xz[:, di:].contiguous(), ly.dt_bias,
                                              True)
             return ly.out_proj(y)
@@ -332,9 +341,11 @@ class CudaBackend:
         return mixer
 
     # ---- Mamba-2 ----
-    def _m2_split(self, ly: _Layer, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _m2_split(self, ly: _Layer, h: torch.Tensor, conv: Q.ConvUpdate | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """in_proj's output split into (z, xBC, dt); xBC convolved when ``conv`` is given (decode)."""
         cfg = self.config
-        zxbcdt = ly.in_proj(h)
+        zxbcdt = ly.in_proj(h, conv=conv)
         return torch.split(zxbcdt, [cfg.d_inner, cfg.conv_dim, cfg.n_heads], dim=-1)
 
     def _m2_out(self, ly: _Layer, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -348,8 +359,7 @@ class CudaBackend:
         hp, gs = (b, cfg.n_heads, cfg.head_dim), (b, cfg.n_groups, cfg.d_state)
 
         def mixer(i: int, ly: _Layer, h: torch.Tensor) -> torch.Tensor:
-            z, xBC, dt = self._m2_split(ly, h)
-            xc = K.causal_conv1d_update(xBC.contiguous(), st.conv[i], ly.conv_w, ly.conv_b)
+            z, xc, dt = self._m2_split(ly, h, Q.ConvUpdate(st.conv[i], ly.conv_w, ly.conv_b, di))
             y = K.ssd_state_update(
                 st.ssm[i], xc[:, :di].reshape(hp).contiguous(), dt.contiguous(), ly.A,
                 xc[:, di:di + gn].reshape(gs).contiguous(), xc[:, di + gn:].reshape(gs).contiguous(), ly.D,
