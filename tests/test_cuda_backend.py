@@ -894,6 +894,42 @@ def test_backend_quantized(name: str, weights: str) -> None:
     assert max(errs) < QUANT_BOUND, errs
 
 
+@needs_gpu
+@needs_triton
+@pytest.mark.parametrize("weights", ["float", "w4a16"])
+@pytest.mark.parametrize("name", ["mamba1", "mamba2"])
+def test_backend_pdl_is_bit_identical_to_serial_launches(name: str, weights: str, monkeypatch) -> None:
+    """Programmatic dependent launch only moves when each kernel starts: the decode graph's logits and states
+    with it (on sm_90+) must equal those without it (EDGESSM_PDL=0) bit for bit, step after step."""
+    from edgessm.runtime.cuda_backend import CudaBackend
+
+    model = _model(name)
+    tokens = _tokens(model.config.vocab_size, 2, 24, seed=8)
+    runs = []
+    for pdl in ("0", "1"):
+        monkeypatch.setenv("EDGESSM_PDL", pdl)  # read when the kernels are launched, i.e. captured
+        backend = CudaBackend(copy.deepcopy(model), weights=weights, group_size=64)
+        logits, states = backend.prefill(tokens[:, :8].numpy())
+        steps = [logits[:, -1]]
+        for t in range(8, 24):
+            logits, states = backend.step(tokens[:, t].numpy(), states)
+            steps.append(logits)
+        runs.append((np.stack(steps), states.conv.cpu(), states.ssm.cpu()))
+    (l0, c0, s0), (l1, c1, s1) = runs
+    np.testing.assert_array_equal(l0, l1)
+    assert torch.equal(c0, c1) and torch.equal(s0, s1)
+
+
+def test_pdl_only_on_sm90_gpus_and_switched_off_by_env(monkeypatch) -> None:
+    assert Q._pdl(torch.zeros(1)) == {"PDL": False, "launch_pdl": False}
+    if HAS_CUDA:
+        x = torch.zeros(1, device="cuda")
+        monkeypatch.setenv("EDGESSM_PDL", "0")
+        assert Q._pdl(x)["PDL"] is False
+        monkeypatch.setenv("EDGESSM_PDL", "1")
+        assert Q._pdl(x)["PDL"] is (torch.cuda.get_device_capability() >= (9, 0))
+
+
 # ---- open_backend / CLI: --gpu-weights ------------------------------------------------------------------
 def test_cli_gpu_weights_are_cuda_backend_modes() -> None:
     """The CLI spells the choices out (it does not import torch to print --help): they must stay

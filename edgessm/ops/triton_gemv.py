@@ -33,6 +33,7 @@ weight may be float, W8 or W4.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -230,6 +231,21 @@ if triton is not None:
         return xq
 
     @triton.jit
+    def _pdl_start(PDL: tl.constexpr):
+        """Programmatic dependent launch (PDL: sm_90 and later, see _pdl): let the next kernel's programs
+        start now. They run up to their own _pdl_wait, loading only parameters (weights, scales, norm
+        and conv weights) that no kernel writes."""
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
+    def _pdl_wait(PDL: tl.constexpr):
+        """Wait until the previous kernel has finished and its writes are visible: before the first load of
+        an activation or state, and before any store."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+
+    @triton.jit
     def _epilogue(acc, rn, mask_n, ws_ptr, b_ptr, x_scale,
                   CHANNEL_SCALE: tl.constexpr, A8: tl.constexpr, HAS_BIAS: tl.constexpr):
         """Every kernel's output in float32: acc [BLOCK_N] (GEMV) or [BLOCK_M, BLOCK_N] (GEMM) over the
@@ -342,16 +358,43 @@ if triton is not None:
         return (u | 0x4B000000).to(tl.float32, bitcast=True)
 
     @triton.jit
+    def _rows_weights(w_ptr, rn, mask_n, k0, K, BLOCK_K: tl.constexpr):
+        """The row-streaming GEMV's weight tile [rows rn, K step at k0]."""
+        rk = k0 + tl.arange(0, BLOCK_K)
+        return tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=mask_n[:, None] & (rk < K)[None, :], other=0)
+
+    @triton.jit
+    def _rows_step(acc, w, x_row, k0, K, x_inv_scale, A8: tl.constexpr, X_INT8: tl.constexpr, W16: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+        """acc + the element-wise products of the weight tile w and the K step at k0 of the row x_row."""
+        rk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_row + rk, mask=rk < K, other=0)
+        if A8:
+            acc += w.to(tl.int32) * _a8_input(x, x_inv_scale, X_INT8).to(tl.int32)[None, :]
+        elif W16:
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        else:
+            # (q ^ 0x80) & 0xFF = q + 128 in [0, 255]
+            wf = _int_to_f32((w.to(tl.int32) ^ 0x80) & 0xFF) - 8388736.0  # 2**23 + 128
+            acc += wf * x.to(tl.float32)[None, :]
+        return acc
+
+    @triton.jit
     def _rows_gemv_kernel(
         x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, N, K, stride_xm, stride_ym, x_inv_scale, x_scale,
         cs_ptr, cw_ptr, cb_ptr, conv_start, conv_c,
         A8: tl.constexpr, X_INT8: tl.constexpr, HAS_BIAS: tl.constexpr, W16: tl.constexpr,
         CONV_W: tl.constexpr, CONV_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         # Decode (few rows of x): program (i, m) owns BLOCK_N output rows of activation row m and
         # streams them over K in wide tiles; products accumulate element-wise in a 2D register tile and
         # are reduced across K once at the end (no tensor-core tile padded to 16 rows of x). Weights
         # are W8 (int8 with a scale per output row) or, with W16, 16-bit floats used as they are.
+        #
+        # With PDL the first K step's weights are loaded before _pdl_wait, i.e. while the kernel that
+        # writes x may still run (the step is peeled off the loop for that).
+        _pdl_start(PDL)
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         m = tl.program_id(1)
         mask_n = rn < N
@@ -359,19 +402,12 @@ if triton is not None:
             acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.int32)  # exact int8 x int8 sums
         else:
             acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            mask_k = rk < K
-            x = tl.load(x_ptr + m * stride_xm + rk, mask=mask_k, other=0)
-            w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0)
-            if A8:
-                acc += w.to(tl.int32) * _a8_input(x, x_inv_scale, X_INT8).to(tl.int32)[None, :]
-            elif W16:
-                acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-            else:
-                # (q ^ 0x80) & 0xFF = q + 128 in [0, 255]
-                wf = _int_to_f32((w.to(tl.int32) ^ 0x80) & 0xFF) - 8388736.0  # 2**23 + 128
-                acc += wf * x.to(tl.float32)[None, :]
+        w = _rows_weights(w_ptr, rn, mask_n, 0, K, BLOCK_K)
+        _pdl_wait(PDL)
+        acc = _rows_step(acc, w, x_ptr + m * stride_xm, 0, K, x_inv_scale, A8, X_INT8, W16, BLOCK_K)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            acc = _rows_step(acc, _rows_weights(w_ptr, rn, mask_n, k0, K, BLOCK_K), x_ptr + m * stride_xm, k0, K,
+                             x_inv_scale, A8, X_INT8, W16, BLOCK_K)
         y = _epilogue(tl.sum(acc, axis=1), rn, mask_n, ws_ptr, b_ptr, x_scale, CHANNEL_SCALE=not W16, A8=A8,
                       HAS_BIAS=HAS_BIAS)
         if CONV_W > 0:  # (CONV_W: the conv width, 0 without the conv update)
@@ -426,7 +462,7 @@ if triton is not None:
     def _w4_gemv_kernel(
         x_ptr, p_ptr, s_ptr, b_ptr, y_ptr, N, stride_xm, stride_ym, fmagic, cs_ptr, cw_ptr, cb_ptr, conv_start, conv_c,
         K: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, CONV_W: tl.constexpr, CONV_BIAS: tl.constexpr,
-        BLOCK_N: tl.constexpr, VEC: tl.constexpr, BLOCK_W: tl.constexpr, BATCH: tl.constexpr,
+        BLOCK_N: tl.constexpr, VEC: tl.constexpr, BLOCK_W: tl.constexpr, BATCH: tl.constexpr, PDL: tl.constexpr,
     ):
         # Decode (few rows of x): program (i, m) owns BLOCK_N output rows of activation row m. The packed
         # weights are read as int32 words (8 nibbles = inputs 8w..8w+7, low nibble first): per K step of
@@ -441,6 +477,9 @@ if triton is not None:
         # ``fmagic`` is 0x4B000000 (the float 2**23) passed in at run time rather than written as a
         # literal: as a register it lets ptxas fuse (u & mask) | magic into one LOP3 (with two
         # immediates it emits two), and ``fmagic >> 31`` is a 0 the compiler cannot fold (below).
+        #
+        # With PDL the first batch's weights and scales are loaded before _pdl_wait, its activations after.
+        _pdl_start(PDL)
         KW: tl.constexpr = K // 8  # int32 words per row
         NG: tl.constexpr = K // GROUP
         CH: tl.constexpr = BLOCK_W // VEC
@@ -476,6 +515,11 @@ if triton is not None:
                         else:  # masked words are 0 (nibbles of -8), but so are their activations and scales
                             ws = ws + (tl.load(pw + r * KW + cw, mask=cw < KW, other=0),)
                             ss = ss + (tl.load(sp + r * NG + gi, mask=gi < NG, other=0.0),)
+            if b0 == 0:
+                _pdl_wait(PDL)
+            for st in tl.static_range(b0, b0 + BATCH):
+                if st < STEPS:
+                    cw = st * BLOCK_W + cw0
                     for j in tl.static_range(4):
                         if EVEN:
                             xws = xws + (tl.load(xw_ptr + cw * 4 + j),)
@@ -525,11 +569,14 @@ if triton is not None:
 
     @triton.jit
     def _add_rmsnorm_kernel(
-        res_ptr, out_ptr, w_ptr, normed_ptr, D, eps, HAS_OUT: tl.constexpr, BLOCK_D: tl.constexpr,
+        res_ptr, out_ptr, w_ptr, normed_ptr, D, eps, HAS_OUT: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
     ):
+        _pdl_start(PDL)
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK_D)
         mask = cols < D
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        _pdl_wait(PDL)
         r = tl.load(res_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_OUT:
             r = r + tl.load(out_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
@@ -539,26 +586,28 @@ if triton is not None:
         h = r.to(io).to(tl.float32)  # Block casts the residual to the norm's dtype first
         var = tl.sum(h * h, axis=0) / D
         hn = (h * (1.0 / tl.sqrt(var + eps))).to(io).to(tl.float32)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(normed_ptr + row * D + cols, (hn * w).to(io), mask=mask)
 
     @triton.jit
     def _gated_rmsnorm_kernel(
         x_ptr, z_ptr, w_ptr, y_ptr, stride_xm, stride_zm, stride_ym, eps, GROUP: tl.constexpr, BLOCK: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         # program (row, group): the group's GROUP channels of one row, in one tile of BLOCK (GROUP
         # rounded up to a power of two); the arithmetic is GatedRMSNorm's, in float32
+        _pdl_start(PDL)
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         mask = offs < GROUP
         cols = tl.program_id(1) * GROUP + offs
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        _pdl_wait(PDL)
         x = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + row * stride_zm + cols, mask=mask, other=0.0).to(tl.float32)
         h = x * (z / (1.0 + tl.exp(-z)))  # silu(z) as torch writes it
         var = tl.sum(h * h, axis=0) / GROUP
         io = y_ptr.dtype.element_ty
         hn = (h * (1.0 / tl.sqrt(var + eps))).to(io).to(tl.float32)  # cast to x's dtype before the weight
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(y_ptr + row * stride_ym + cols, (hn * w).to(io), mask=mask)  # the product rounded once
 
     @triton.jit
@@ -567,9 +616,12 @@ if triton is not None:
         DIM, R, N, stride_x, stride_dbc, stride_z,
         W8: tl.constexpr, W4: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr,
         HAS_Z: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+        PDL: tl.constexpr,
     ):
-        # program (channel block, batch row): every load first, then dt = dt_proj(dbc[:R]) rounded to the
-        # io dtype as the separate GEMV rounds it, then the selective state update of the block's rows
+        # program (channel block, batch row): every load first (with PDL the parameters before _pdl_wait),
+        # then dt = dt_proj(dbc[:R]) rounded to the io dtype as the separate GEMV rounds it, then the
+        # selective state update of the block's rows
+        _pdl_start(PDL)
         b = tl.program_id(1)
         rd = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
         rr = tl.arange(0, BLOCK_R)
@@ -577,19 +629,22 @@ if triton is not None:
         md, mr, mn = rd < DIM, rr < R, rn < N
         m2 = md[:, None] & mn[None, :]
         dbc = dbc_ptr + b * stride_dbc
+        rj = tl.arange(0, BLOCK_R // 2)
+        mj = md[:, None] & (rj < R // 2)[None, :]
         if W4:  # packed nibbles: byte j of a row holds inputs 2j (low) and 2j + 1 (high)
-            rj = tl.arange(0, BLOCK_R // 2)
-            mj = md[:, None] & (rj < R // 2)[None, :]
             packed = tl.load(w_ptr + rd[:, None] * (R // 2) + rj[None, :], mask=mj, other=0).to(tl.int32)
-            u_even = tl.load(dbc + 2 * rj, mask=rj < R // 2, other=0.0).to(tl.float32)
-            u_odd = tl.load(dbc + 2 * rj + 1, mask=rj < R // 2, other=0.0).to(tl.float32)
             w_scale = tl.load(ws_ptr + rd[:, None] * (R // GROUP) + (2 * rj[None, :]) // GROUP, mask=mj, other=0.0)
         else:
-            u = tl.load(dbc + rr, mask=mr, other=0.0).to(tl.float32)
             w = tl.load(w_ptr + rd[:, None] * R + rr[None, :], mask=md[:, None] & mr[None, :], other=0.0).to(tl.float32)
+        A = tl.load(A_ptr + rd[:, None] * N + rn[None, :], mask=m2, other=0.0)
+        _pdl_wait(PDL)
+        if W4:
+            u_even = tl.load(dbc + 2 * rj, mask=rj < R // 2, other=0.0).to(tl.float32)
+            u_odd = tl.load(dbc + 2 * rj + 1, mask=rj < R // 2, other=0.0).to(tl.float32)
+        else:
+            u = tl.load(dbc + rr, mask=mr, other=0.0).to(tl.float32)
         s_off = (b * DIM + rd)[:, None] * N + rn[None, :]
         h = tl.load(state_ptr + s_off, mask=m2, other=0.0)
-        A = tl.load(A_ptr + rd[:, None] * N + rn[None, :], mask=m2, other=0.0)
         Bv = tl.load(dbc + R + rn, mask=mn, other=0.0).to(tl.float32)
         Cv = tl.load(dbc + R + N + rn, mask=mn, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + b * stride_x + rd, mask=md, other=0.0).to(tl.float32)
@@ -725,6 +780,17 @@ def _w4_gemv_config(n: int, k: int) -> tuple[int, int, int, int, int]:
     return block_n, vec, block_w, batch, warps
 
 
+def _pdl(t: torch.Tensor) -> dict[str, bool]:
+    """The launch options of the decode kernels (PDL, launch_pdl) for tensors on t's device: programmatic
+    dependent launch on CUDA GPUs of compute capability 9.0 or later (not Jetson Orin's 8.7), unless
+    EDGESSM_PDL=0. Each kernel then starts while the previous one finishes: its programs are scheduled
+    and load their weights, and wait (griddepcontrol.wait) only before reading the previous kernel's
+    output. Inside a CUDA graph the capture keeps these as programmatic edges."""
+    on = (t.is_cuda and torch.cuda.get_device_capability(t.device) >= (9, 0)
+          and os.environ.get("EDGESSM_PDL", "1") != "0")
+    return dict(PDL=on, launch_pdl=on)
+
+
 def _check_conv(name: str, conv: ConvUpdate, y: torch.Tensor) -> None:
     """conv against the GEMV's output y [M, N]."""
     m, n = y.shape
@@ -796,7 +862,7 @@ def _launch_rows_gemv(name: str, x: torch.Tensor, w: torch.Tensor, scale: torch.
     bk = min(_GEMV_TILE // bn, max(triton.next_power_of_2(k), 64))  # powers of two, as tl.arange needs
     _rows_gemv_kernel[grid](x, w, scale, bias, y, n, k, x.stride(0), y.stride(0), x_inv_scale,
                             x_scale, *_conv_args(name, conv, y), **flags, **_conv_flags(conv), BLOCK_N=bn,
-                            BLOCK_K=bk, num_warps=4)
+                            BLOCK_K=bk, num_warps=4, **_pdl(y))
     return y
 
 
@@ -882,7 +948,7 @@ def gemv_w4a16(
         _w4_gemv_kernel[(triton.cdiv(n, bn), x.shape[0])](
             x, packed, scale, bias, y, n, x.stride(0), y.stride(0), _W4_FMAGIC, *_conv_args("gemv_w4a16", conv, y),
             K=k, GROUP=group, HAS_BIAS=bias is not None, **_conv_flags(conv), BLOCK_N=bn, VEC=vec, BLOCK_W=bw,
-            BATCH=batch, num_warps=warps)
+            BATCH=batch, num_warps=warps, **_pdl(y))
         return y
     _no_conv_beyond_gemv("gemv_w4a16", conv, x.shape[0])
     y, bm, bn, grid = _gemm_setup("gemv_w4a16", x, n, bias, x.dtype, out)
@@ -915,7 +981,7 @@ def add_rmsnorm(
     _require_triton()
     block, warps = _norm_tile(d)
     _add_rmsnorm_kernel[(m,)](residual, out, weight, normed, d, eps, HAS_OUT=out is not None, BLOCK_D=block,
-                 num_warps=warps)
+                 num_warps=warps, **_pdl(normed))
 
 
 _NORM_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -954,7 +1020,7 @@ def gated_rmsnorm(
     y = torch.empty(m, d, dtype=x.dtype, device=x.device) if out is None else out
     block, warps = _norm_tile(group_size)
     _gated_rmsnorm_kernel[(m, d // group_size)](x, z, weight, y, x.stride(0), z.stride(0), y.stride(0), eps,
-                 GROUP=group_size, BLOCK=block, num_warps=warps)
+                 GROUP=group_size, BLOCK=block, num_warps=warps, **_pdl(y))
     return y
 
 
@@ -1016,5 +1082,5 @@ def dt_proj_state_update(
         state, x, dbc, weight, weight_scale, dt_bias, A, D, z, y, dim, r, n, x.stride(0), dbc.stride(0),
         0 if z is None else z.stride(0), W8=quantized and not w4, W4=w4, GROUP=r // groups, HAS_BIAS=dt_bias is not None,
         HAS_D=D is not None, HAS_Z=z is not None, BLOCK_D=block_d, BLOCK_R=max(2, triton.next_power_of_2(r)),
-        BLOCK_N=block_n, num_warps=4)
+        BLOCK_N=block_n, num_warps=4, **_pdl(y))
     return y
