@@ -896,19 +896,22 @@ def test_backend_quantized(name: str, weights: str) -> None:
 
 @needs_gpu
 @needs_triton
-@pytest.mark.parametrize("weights", ["float", "w4a16"])
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("weights", ["float", "w4a16", "w8a8"])
 @pytest.mark.parametrize("name", ["mamba1", "mamba2"])
-def test_backend_pdl_is_bit_identical_to_serial_launches(name: str, weights: str, monkeypatch) -> None:
+def test_backend_pdl_is_bit_identical_to_serial_launches(name: str, weights: str, batch: int, monkeypatch) -> None:
     """Programmatic dependent launch only moves when each kernel starts: the decode graph's logits and states
-    with it (on sm_90+) must equal those without it (EDGESSM_PDL=0) bit for bit, step after step."""
+    with it (on sm_90+) must equal those without it (EDGESSM_PDL=0) bit for bit, step after step. At batch 1
+    every kernel of a layer follows the one that wrote its input directly (no copies in between), the
+    CUDA state updates (Mamba-2; Mamba-1 W8A8) among them."""
     from edgessm.runtime.cuda_backend import CudaBackend
 
     model = _model(name)
-    tokens = _tokens(model.config.vocab_size, 2, 24, seed=8)
+    tokens = _tokens(model.config.vocab_size, batch, 24, seed=8)
     runs = []
     for pdl in ("0", "1"):
         monkeypatch.setenv("EDGESSM_PDL", pdl)  # read when the kernels are launched, i.e. captured
-        backend = CudaBackend(copy.deepcopy(model), weights=weights, group_size=64)
+        backend = CudaBackend(copy.deepcopy(model), weights=weights, group_size=64, calib_tokens=tokens)
         logits, states = backend.prefill(tokens[:, :8].numpy())
         steps = [logits[:, -1]]
         for t in range(8, 24):

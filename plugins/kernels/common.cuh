@@ -7,8 +7,10 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #include "edgessm/kernels.h"
 #include "quantize_int8.cuh"
@@ -55,10 +57,21 @@ __device__ __forceinline__ float dequant(T v, float scale) {
   return to_float(v);
 }
 
+// One element or word: through the read-only data cache (__ldg), or, with kLive, coherently at the
+// L2 (__ldcg). kLive is for data that another kernel may still be writing while this one runs: the
+// activations and states read by a kernel launched with programmatic dependent launch (launch_pdl),
+// even after its pdl_wait, as a read-only (.nc) load requires the data to stay unchanged for the
+// kernel's whole lifetime (measured on an H100: Mamba-2 decode read stale activations with __ldg).
+template <bool kLive, typename T>
+__device__ __forceinline__ T load_elem(const T* p) {
+  if constexpr (kLive) return __ldcg(p);
+  else return __ldg(p);
+}
+
 // Loads the raw elements e[i] = p[i] for i < N, i < valid (zero beyond `valid`). Uses wide loads
 // when the whole run is valid and the address is aligned for them; scalar loads otherwise. Kernels
 // that prefetch a run one step ahead hold it in this form (2..4 registers for 8 fp16/int8 values).
-template <typename T, int N>
+template <typename T, int N, bool kLive = false>
 __device__ __forceinline__ void fetch_run(const T* __restrict__ p, int valid, T (&e)[N]) {
   constexpr int kBytes = static_cast<int>(sizeof(T)) * N;
   using W = VecWord<kBytes>;
@@ -66,20 +79,20 @@ __device__ __forceinline__ void fetch_run(const T* __restrict__ p, int valid, T 
   if (valid >= N && (reinterpret_cast<uintptr_t>(p) % sizeof(W)) == 0) {
     W w[kWords];
 #pragma unroll
-    for (int k = 0; k < kWords; ++k) w[k] = __ldg(reinterpret_cast<const W*>(p) + k);
+    for (int k = 0; k < kWords; ++k) w[k] = load_elem<kLive>(reinterpret_cast<const W*>(p) + k);
     memcpy(e, w, kBytes);
   } else {
 #pragma unroll
-    for (int i = 0; i < N; ++i) e[i] = i < valid ? p[i] : T{};
+    for (int i = 0; i < N; ++i) e[i] = i < valid ? load_elem<kLive>(p + i) : T{};
   }
 }
 
 // Loads v[i] = dequant(p[i], scale) for i < N, i < valid (zero beyond `valid`), as fetch_run.
-template <typename T, int N>
+template <typename T, int N, bool kLive = false>
 __device__ __forceinline__ void load_run(const T* __restrict__ p, int valid, float scale,
                                          float (&v)[N]) {
   T e[N];
-  fetch_run<T, N>(p, valid, e);
+  fetch_run<T, N, kLive>(p, valid, e);
 #pragma unroll
   for (int i = 0; i < N; ++i) v[i] = dequant(e[i], scale);
 }
@@ -111,9 +124,9 @@ __device__ __forceinline__ void store_run(T* __restrict__ p, int valid, const fl
   put_run<T, N>(p, valid, e);
 }
 
-template <typename T>
+template <typename T, bool kLive = false>
 __device__ __forceinline__ float load1(const T* __restrict__ p, float scale) {
-  return dequant(__ldg(p), scale);
+  return dequant(load_elem<kLive>(p), scale);
 }
 
 // ---- math -------------------------------------------------------------------------------------
@@ -168,6 +181,54 @@ cudaError_t dispatch_in_out(essm_dtype in, essm_dtype out, F&& f) {
 }
 
 inline cudaError_t launch_status() { return cudaGetLastError(); }
+
+// ---- programmatic dependent launch (PDL, sm_90 and later) ----------------------------------------
+// A decode step is a chain of small kernels whose time is mostly launch and memory latency. With
+// PDL a kernel's blocks start while the previous kernel finishes (each kernel lets its dependents
+// start at once, pdl_launch_dependents) and wait (pdl_wait) only before their first load of
+// anything a kernel writes: activations and states. Parameters may be read before it. Both
+// instructions are no-ops when the kernel was launched without the attribute, and are compiled out
+// below sm_90 (Jetson Orin is sm_87). The Triton decode kernels do the same (edgessm/ops/triton_gemv.py).
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// Whether launch_pdl sets the attribute: the current device is sm_90 or later, and the environment
+// does not set EDGESSM_PDL=0.
+inline bool pdl_enabled() {
+  const char* env = std::getenv("EDGESSM_PDL");  // read at every launch, as the Python side does
+  int device = 0, major = 0;
+  return (env == nullptr || std::strcmp(env, "0") != 0) && cudaGetDevice(&device) == cudaSuccess &&
+         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+         major >= 9;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), with the PDL attribute where pdl_enabled().
+template <typename... Params, typename... Args>
+cudaError_t launch_pdl(void (*kernel)(Params...), unsigned grid, unsigned block, size_t smem,
+                       cudaStream_t stream, Args&&... args) {
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(grid);
+  config.blockDim = dim3(block);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = &attr;
+  config.numAttrs = pdl_enabled() ? 1 : 0;
+  const cudaError_t err = cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+  const cudaError_t last = launch_status();  // clears the error launch_status() would report later
+  return err != cudaSuccess ? err : last;
+}
 
 inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 
@@ -267,8 +328,8 @@ struct StateRowLane {
 #pragma unroll
           for (int j = 0; j < kVec; ++j) a[i][j] = __ldg(A_row);
         }
-        load_run<Tin, kVec>(Brow + n, kVec, B_scale, b[i]);
-        load_run<Tin, kVec>(Crow + n, kVec, C_scale, c[i]);
+        load_run<Tin, kVec, true>(Brow + n, kVec, B_scale, b[i]);  // written by the previous kernel
+        load_run<Tin, kVec, true>(Crow + n, kVec, C_scale, c[i]);
       }
     }
   }

@@ -844,16 +844,19 @@ constexpr int kDecodeThreads = 128;
 template <typename Tin, typename Tout, int kPer, int kVec>
 __global__ void __launch_bounds__(kDecodeThreads)
     selective_state_update_kernel(const StateUpdateArgs p, int lanes) {
+  pdl_launch_dependents();
   int row, sub;
   decode_row(kDecodeThreads, lanes, &row, &sub);  // row (b, d)
   const bool active = row < p.batch * p.dim;
   const int64_t rr = active ? row : 0;
   const int b = static_cast<int>(rr) / p.dim, d = static_cast<int>(rr) - b * p.dim;
   const int N = p.dstate;
-  const float xv = load1(static_cast<const Tin*>(p.x) + rr, scale_at(p.x_scale, d));
-  const float dt_raw = load1(static_cast<const Tin*>(p.dt) + rr, scale_at(p.dt_scale, 0));
   const float bias = p.dt_bias ? p.dt_bias[d] : 0.f, Dd = p.Dskip ? p.Dskip[d] : 0.f;
-  const float zv = p.z != nullptr ? load1(static_cast<const Tin*>(p.z) + rr, scale_at(p.z_scale, 0)) : 0.f;
+  pdl_wait();  // x, dt, z, B, C and the state are written by earlier kernels
+  const float xv = load1<Tin, true>(static_cast<const Tin*>(p.x) + rr, scale_at(p.x_scale, d));
+  const float dt_raw = load1<Tin, true>(static_cast<const Tin*>(p.dt) + rr, scale_at(p.dt_scale, 0));
+  const float zv =
+      p.z != nullptr ? load1<Tin, true>(static_cast<const Tin*>(p.z) + rr, scale_at(p.z_scale, 0)) : 0.f;
   StateRowLane<kPer, kVec> st;
   st.load(p.state_in + rr * N, p.A + static_cast<int64_t>(d) * N, true,
           static_cast<const Tin*>(p.Bm) + static_cast<int64_t>(b) * N,
@@ -960,9 +963,9 @@ extern "C" cudaError_t essm_selective_state_update(
   if (threads > kMaxDecodeThreads) return cudaErrorInvalidValue;
   return dispatch_in_out(in_dtype, out_dtype, [&](auto ti, auto to) {
     return with_decode_shape(shape, [&](auto per, auto vec) {
-      selective_state_update_kernel<decltype(ti), decltype(to), decltype(per)::value, decltype(vec)::value>
-          <<<ceil_div(threads, kDecodeThreads), kDecodeThreads, 0, stream>>>(a, shape.lanes);
-      return launch_status();
+      return launch_pdl(
+          selective_state_update_kernel<decltype(ti), decltype(to), decltype(per)::value, decltype(vec)::value>,
+          ceil_div(threads, kDecodeThreads), kDecodeThreads, 0, stream, a, shape.lanes);
     });
   });
 }

@@ -1239,6 +1239,7 @@ constexpr int kSsdDecodeThreads = 128;
 template <typename Tin, typename Tout, int kPer, int kVec>
 __global__ void __launch_bounds__(kSsdDecodeThreads)
     ssd_state_update_kernel(const float* state_in, float* state_out, const SsdArgs p, int lanes) {
+  pdl_launch_dependents();
   int row, sub;
   decode_row(kSsdDecodeThreads, lanes, &row, &sub);  // row (b, h, p)
   const int H = p.nheads, P = p.headdim, N = p.dstate;
@@ -1249,9 +1250,10 @@ __global__ void __launch_bounds__(kSsdDecodeThreads)
   const int b = bh / H, h = bh - b * H;
   const int g = h / (H / p.ngroups);
   const SsdHead hp(p, h, g);  // (inactive lanes read row 0's: valid addresses, results unused)
-  const float xv = load1(static_cast<const Tin*>(p.x) + rr,
-                         p.x_scale != nullptr ? p.x_scale[h * P + pp] : 1.f);
-  const float dt_raw = to_float(static_cast<const Tout*>(p.dt)[bh]);
+  pdl_wait();                 // x, dt, B, C and the state are written by earlier kernels
+  const float xv = load1<Tin, true>(static_cast<const Tin*>(p.x) + rr,
+                                   p.x_scale != nullptr ? p.x_scale[h * P + pp] : 1.f);
+  const float dt_raw = to_float(load_elem<true>(static_cast<const Tout*>(p.dt) + bh));
   const int64_t bc = (static_cast<int64_t>(b) * p.ngroups + g) * N;
   StateRowLane<kPer, kVec> st;
   st.load(state_in + rr * N, p.A + h, false, static_cast<const Tin*>(p.Bm) + bc,
@@ -1652,10 +1654,10 @@ extern "C" cudaError_t essm_ssd_state_update(essm_dtype in_dtype, essm_dtype out
   if (threads > kMaxDecodeThreads) return cudaErrorInvalidValue;
   return dispatch_in_out(in_dtype, out_dtype, [&](auto ti, auto to) {
     return with_decode_shape(shape, [&](auto per, auto vec) {
-      ssd_state_update_kernel<decltype(ti), decltype(to), decltype(per)::value, decltype(vec)::value>
-          <<<ceil_div(threads, kSsdDecodeThreads), kSsdDecodeThreads, 0, stream>>>(
-              state_in, state_out, a, shape.lanes);
-      return launch_status();
+      return launch_pdl(
+          ssd_state_update_kernel<decltype(ti), decltype(to), decltype(per)::value, decltype(vec)::value>,
+          ceil_div(threads, kSsdDecodeThreads), kSsdDecodeThreads, 0, stream, state_in, state_out, a,
+          shape.lanes);
     });
   });
 }
