@@ -147,3 +147,22 @@ def test_bad_inputs_are_explained(exported) -> None:
     _, states = backend.prefill(np.zeros((1, 2), np.int64))
     with pytest.raises(ValueError, match="states of 2 layers"):
         backend.step(np.zeros(1, np.int64), states[:1])
+
+
+@pytest.mark.parametrize(("machine", "flags", "exact"), [
+    ("x86_64", "fpu sse2 avx2 fma", False),  # AVX2 only: u8 x s8 pairs saturate in 16 bits
+    ("x86_64", "fpu avx2 avx512f avx512_vnni", True),
+    ("x86_64", "fpu avx2 avx_vnni", True),
+    ("x86_64", "fpu avx2 amx_int8 amx_tile", True),
+    ("aarch64", "fp asimd asimddp", True),  # Arm kernels use sdot/smmla: no cpuinfo needed
+])
+def test_int8_kernels_exact_from_cpu_flags(machine: str, flags: str, exact: bool, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgessm.runtime import ort as ort_backend
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: test\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    monkeypatch.setattr(ort_backend.platform, "machine", lambda: machine)
+    assert ort_backend.int8_kernels_exact.__wrapped__(str(cpuinfo)) is exact
+    if machine == "x86_64":  # flags that cannot be read: treated as inexact (the fusion then stays off)
+        assert ort_backend.int8_kernels_exact.__wrapped__(str(tmp_path / "missing")) is False

@@ -9,8 +9,10 @@ to standard ops first (``edgessm.runtime.ort_ops``).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
+import platform
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,32 @@ States = list[LayerState]
 _DISABLED = ["QDQPropagationTransformer"]
 
 
+# CPU flags under which ONNX Runtime's x86 int8 GEMMs multiply-accumulate exactly in 32 bits.
+_X86_INT8_DOT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+@functools.cache
+def int8_kernels_exact(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether ONNX Runtime's fused int8 kernels (Q/DQ MatMul/Gemm turned into integer GEMMs) give exact
+    integer sums on this CPU. On x86-64 without VNNI, ORT's u8 x s8 GEMM adds pairs of products in 16
+    bits with saturation (``pmaddubsw``; ORT's quantization docs advise 7-bit ``reduce_range`` there),
+    so W8A8 logits drift from the integer reference: measured on an AVX2-only AMD EPYC, 4e-4 (Mamba-1)
+    to 5e-2 (Mamba-2) relative error, against 1e-7 with the fusion off. Arm (sdot/smmla) and x86 with
+    VNNI or AMX are exact; an x86 CPU whose flags cannot be read counts as inexact."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return True
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    if _X86_INT8_DOT_FLAGS.isdisjoint(flags):
+        log.info("this x86 CPU has none of %s: quantized graphs run their Q/DQ nodes unfused in ONNX Runtime "
+                 "(its int8 GEMMs would saturate here)", ", ".join(sorted(_X86_INT8_DOT_FLAGS)))
+        return False
+    return True
+
+
 def _session_options(threads: int | None) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -38,6 +66,10 @@ def _session_options(threads: int | None) -> ort.SessionOptions:
     # DequantizeLinear(int4 blocks) + MatMul fuses into MatMulNBits, which by default (level 4)
     # rounds float activations to int8 inside; level 1 keeps float32 compute, as the model has it.
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    if not int8_kernels_exact():
+        # Q/DQ graphs then run as written: the codes dequantized, then float32 MatMul, which matches the
+        # integer reference to float32 rounding (docs/export.md)
+        so.add_session_config_entry("session.disable_quant_qdq", "1")
     if threads is not None:
         so.intra_op_num_threads = threads
     return so
