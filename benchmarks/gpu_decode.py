@@ -72,6 +72,12 @@ def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 20) -> float:
     return 2 * src.numel() * 4 / statistics.median(times)
 
 
+def release_cuda_memory() -> None:
+    """Frees what the last backend or model left behind, so that the next one is measured alone."""
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 def time_steps(step: Callable[[], None], steps: int, warmup: int) -> dict[str, float]:
     """CUDA-event time of each call of ``step`` on the current stream; median/p10/p90 in ms."""
     for _ in range(warmup):
@@ -189,8 +195,7 @@ def run_config(name: str, modes: list[str], steps: int, warmup: int, bw: float, 
         except Exception as e:  # one failing row is reported in the table; the others still run
             log.exception("%s %s %s failed", name, impl, mode)
             rows.append({"impl": impl, "weights": mode, "error": f"{type(e).__name__}: {e}"[:300]})
-        gc.collect()
-        torch.cuda.empty_cache()
+        release_cuda_memory()
     fp16 = next((r for r in rows if r["impl"] == "cuda-graph" and r["weights"] == "float" and "floor_ms" in r), None)
     for r in rows:
         r.update(config=name, params_m=params / 1e6)
@@ -201,8 +206,7 @@ def run_config(name: str, modes: list[str], steps: int, warmup: int, bw: float, 
         if "ms_per_token" in r:
             r["tokens_per_s"] = 1e3 / r["ms_per_token"]
     del model
-    gc.collect()
-    torch.cuda.empty_cache()
+    release_cuda_memory()
     return rows
 
 
