@@ -737,16 +737,17 @@ _GEMV_PROGRAMS = 528  # ~4 programs per SM on 132 SMs: enough weight loads in fl
 # W8A16 decode 7% faster.
 _W8_GEMV_MIN_BLOCK_N = 1
 # W4 (``_w4_gemv_config``): rows per program halve from _W4_GEMV_MAX_BLOCK_N down to
-# _W4_GEMV_MIN_BLOCK_N until the grid has _W4_GEMV_WARPS warps (~4 per SM on 132 SMs). Measured on an
-# H100, on the previous W4 kernel (bytes unpacked in [rows, groups, group/2] tiles): its minimum going
-# from 4 rows to 1 made W4A16 decode 18% slower (1.4B), as each of its programs was bound by per-byte
-# unpacking that more programs did not shorten. The current kernel is expected (from its SASS, not
-# measured) to differ: its activation unpacking is shared by the rows of a program, so 8 rows amortize
-# it for large N, while a small layer (x_proj: 160 or 80 outputs) gets one row per program and so
-# spreads over more SMs, each with all of its loads issued at once.
+# _W4_GEMV_MIN_BLOCK_N until the grid has _W4_GEMV_WARPS warps (~8 per SM on 132 SMs). The rows of a
+# program share its activation unpacking, so 8 rows amortize it for large N, while a small layer
+# (x_proj: 160 or 80 outputs) gets one row per program and spreads over more SMs. Measured on an H100
+# as whole-model decode with programmatic dependent launch (tools/decode_knob_sweep.py; docs/benchmarks.md,
+# tenth session), ms/token for Mamba-1 1.4B / Mamba-1 130M / Mamba-2 130M: 528 warps 1.195 / 0.256 / (not
+# swept; 0.262-0.272 in earlier calls), 792: 1.192 / 0.238 / 0.261, 1056: 1.08-1.11 / 0.239 / 0.272-0.274,
+# 1584: 1.08 / 0.279 / 0.273. No single count is best for all three (per-shape tuning would be the next
+# step). At most 4, 2 or 1 rows per program instead of 8 (at 528 warps): 1.4B 1.20, 1.46, 1.96.
 _W4_GEMV_MIN_BLOCK_N = 1
 _W4_GEMV_MAX_BLOCK_N = 8  # 1, 2, 4 or 8 (_w4_rows_sum)
-_W4_GEMV_WARPS = 528
+_W4_GEMV_WARPS = 1056
 # Widest K step of the W4 kernel, in int32 words (8 weights each) per row: 4 warps x 4 words.
 _W4_GEMV_MAX_BLOCK_W = 512
 # Weight words per thread loaded before the W4 kernel waits for them (4 x 16-byte loads in flight per
