@@ -398,8 +398,8 @@ def test_gemv_conv_update_vs_float64(mode: str, case: tuple, few_programs: bool,
     """few_programs: the most rows per program (32 in the W8/float kernel, 8 in the W4 one, whose last
     program then overlaps its neighbour's rows, which it must leave alone)."""
     if few_programs:
-        monkeypatch.setattr(Q, "_GEMV_PROGRAMS", 1)
-        monkeypatch.setattr(Q, "_W4_GEMV_WARPS", 1)
+        monkeypatch.setattr(Q, "_GEMV_PROGRAMS_PER_SM", 0)
+        monkeypatch.setattr(Q, "_W4_GEMV_WARPS_PER_SM", 0)
     errs = _conv_gemv_errs(mode, case, "cuda")
     assert max(errs.values()) < _conv_gemv_bound(case), errs
 
@@ -430,9 +430,11 @@ def test_gemv_float_runs_linear_where_the_kernel_does_not_apply(dtype: torch.dty
 
 
 def test_gemv_block_n() -> None:
-    """W8 GEMV programs own 32 output rows for large N and shrink to 1 until the grid has ~528 programs."""
+    """W8 GEMV programs own 32 output rows for large N and shrink to 1 until the grid has 4 programs per SM
+    (528 on an H100; 64 on Jetson AGX Orin's 16 SMs)."""
     ns = (80, 160, 2048, 8192, 50280)
-    assert [Q._block_n(n, 32, Q._W8_GEMV_MIN_BLOCK_N, Q._GEMV_PROGRAMS) for n in ns] == [1, 1, 2, 8, 32]
+    assert [Q._block_n(n, 32, Q._W8_GEMV_MIN_BLOCK_N, Q._GEMV_PROGRAMS_PER_SM * 132) for n in ns] == [1, 1, 2, 8, 32]
+    assert [Q._block_n(n, 32, Q._W8_GEMV_MIN_BLOCK_N, Q._GEMV_PROGRAMS_PER_SM * 16) for n in ns] == [1, 2, 32, 32, 32]
 
 
 # (N, K) -> (BLOCK_N, VEC, BLOCK_W, BATCH, num_warps) of the W4 GEMV for the Mamba-1 1.4B and 130M layers
@@ -504,7 +506,7 @@ def test_gemv_conv_update_in_interpreter() -> None:
     with up to 8 rows per W4 program (the last one overlapping its neighbour)."""
     errs = _in_interpreter(
         "import json, torch; from tests.test_cuda_backend import _conv_gemv_errs, GEMV_MODES, Q,"
-        " CONV_GEMV_INTERPRETER_CASES as C; torch.manual_seed(0); Q._W4_GEMV_WARPS = 1;"
+        " CONV_GEMV_INTERPRETER_CASES as C; torch.manual_seed(0); Q._W4_GEMV_WARPS_PER_SM = 0;"
         "print(json.dumps([[m, c, _conv_gemv_errs(m, c, 'cpu')] for m in GEMV_MODES for c in C]))", timeout_s=600)
     assert len(errs) == len(GEMV_MODES) * len(CONV_GEMV_INTERPRETER_CASES)
     assert all(max(e.values()) < _conv_gemv_bound(c) for _, c, e in errs), errs
@@ -566,7 +568,7 @@ def test_w4_gemv_in_interpreter() -> None:
     """The W4 GEMV over W4_CASES in Triton's interpreter vs float64, with up to 8 rows per program."""
     errs = _in_interpreter(
         "import json, torch; from tests.test_cuda_backend import _w4_rel_err, W4_CASES, Q;"
-        "Q._W4_GEMV_WARPS = 1;"
+        "Q._W4_GEMV_WARPS_PER_SM = 0;"
         "print(json.dumps([[c, _w4_rel_err(c, 'cpu')] for c in W4_CASES]))", timeout_s=900)
     assert len(errs) == len(W4_CASES)
     assert all(err < W4_BOUND[case[4]] for case, err in errs), errs

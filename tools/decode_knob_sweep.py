@@ -1,6 +1,6 @@
 """Whole-model decode time under different settings of the GEMV kernels' tuning knobs (one GPU).
 
-The knobs are module constants of edgessm.ops.triton_gemv (``_W4_GEMV_MAX_BLOCK_N``, ``_W4_GEMV_WARPS``,
+The knobs are module constants of edgessm.ops.triton_gemv (``_W4_GEMV_MAX_BLOCK_N``, ``_W4_GEMV_WARPS_PER_SM``,
 ``_GEMV_TILE``, ...), read each time a kernel is launched. A GEMV's best setting depends on what runs
 around it (with programmatic dependent launch a kernel's weight loads overlap its predecessor), so the
 knobs are tuned here on the decode step they serve: for each config and weights mode, one varied
@@ -8,7 +8,7 @@ setting at a time (the others at their defaults, and once all at their defaults)
 anew, its decode step captured as a CUDA graph and timed as in benchmarks/gpu_decode.py.
 
     python tools/decode_knob_sweep.py --configs mamba1-1.4b --modes w4a16 \
-        --knob _W4_GEMV_MAX_BLOCK_N=4,2 --knob _W4_GEMV_WARPS=1056 --pdl on,off --json $OUT/sweep.json
+        --knob _W4_GEMV_MAX_BLOCK_N=4,2 --knob _W4_GEMV_WARPS_PER_SM=6,12 --pdl on,off --json $OUT/sweep.json
 
 Prints a table (ms/token and the ratio to the defaults' time in the same run) and writes JSON atomically.
 """

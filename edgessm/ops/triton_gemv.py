@@ -33,6 +33,7 @@ weight may be float, W8 or W4.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -714,6 +715,23 @@ def _output(name: str, x: torch.Tensor, n: int, bias: torch.Tensor | None, out_d
     return out
 
 
+# The H100's count, which the interpreter (tensors on the CPU) sizes grids for, as the GPU tests do.
+_NOMINAL_SMS = 132
+
+
+@functools.cache
+def _sm_count_of(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _sm_count(t: torch.Tensor) -> int:
+    """Streaming multiprocessors of t's GPU (132 on an H100, 16 on Jetson AGX Orin): the grid targets
+    below are per SM, so that a layer spreads over whatever GPU runs it."""
+    if not t.is_cuda:
+        return _NOMINAL_SMS
+    return _sm_count_of(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
 def _gemm_setup(name: str, x: torch.Tensor, n: int, bias: torch.Tensor | None, out_dtype: torch.dtype,
                 out: torch.Tensor | None) -> tuple[torch.Tensor, int, int, tuple[int, int]]:
     """Output, BLOCK_M, BLOCK_N and grid of a GEMM kernel: BLOCK_M covers a decode batch in one tile;
@@ -721,7 +739,7 @@ def _gemm_setup(name: str, x: torch.Tensor, n: int, bias: torch.Tensor | None, o
     y = _output(name, x, n, bias, out_dtype, out)
     m = x.shape[0]
     block_m = 16 if m <= 16 else 64
-    block_n = _block_n(n, 64, 16, 264)
+    block_n = _block_n(n, 64, 16, 2 * _sm_count(x))
     return y, block_m, block_n, ((n + block_n - 1) // block_n, (m + block_m - 1) // block_m)
 
 
@@ -731,23 +749,24 @@ _A16 = (torch.float16, torch.bfloat16)
 # weights re-read from L2 per row); above it the tensor-core GEMM kernels do.
 _GEMV_MAX_M = 4
 _GEMV_TILE = 4096  # weight elements per program per K step (32 float32 accumulators per thread at 4 warps)
-_GEMV_PROGRAMS = 528  # ~4 programs per SM on 132 SMs: enough weight loads in flight to stream HBM
+_GEMV_PROGRAMS_PER_SM = 4  # enough weight loads in flight to stream HBM (528 programs on an H100)
 # The fewest output rows a GEMV program may own. Measured on an H100 (docs/benchmarks.md, decode of
 # Mamba-1 1.4B): W8 down to one row (x_proj's 160 outputs then run 160 programs instead of 40) makes
 # W8A16 decode 7% faster.
 _W8_GEMV_MIN_BLOCK_N = 1
 # W4 (``_w4_gemv_config``): rows per program halve from _W4_GEMV_MAX_BLOCK_N down to
-# _W4_GEMV_MIN_BLOCK_N until the grid has _W4_GEMV_WARPS warps (~8 per SM on 132 SMs). The rows of a
-# program share its activation unpacking, so 8 rows amortize it for large N, while a small layer
-# (x_proj: 160 or 80 outputs) gets one row per program and spreads over more SMs. Measured on an H100
-# as whole-model decode with programmatic dependent launch (tools/decode_knob_sweep.py; docs/benchmarks.md,
-# tenth session), ms/token for Mamba-1 1.4B / Mamba-1 130M / Mamba-2 130M: 528 warps 1.195 / 0.256 / (not
-# swept; 0.262-0.272 in earlier calls), 792: 1.192 / 0.238 / 0.261, 1056: 1.08-1.11 / 0.239 / 0.272-0.274,
-# 1584: 1.08 / 0.279 / 0.273. No single count is best for all three (per-shape tuning would be the next
-# step). At most 4, 2 or 1 rows per program instead of 8 (at 528 warps): 1.4B 1.20, 1.46, 1.96.
+# _W4_GEMV_MIN_BLOCK_N until the grid has _W4_GEMV_WARPS_PER_SM warps per SM. The rows of a program share
+# its activation unpacking, so 8 rows amortize it for large N, while a small layer (x_proj: 160 or 80
+# outputs) gets one row per program and spreads over more SMs. Measured on an H100 (132 SMs) as
+# whole-model decode with programmatic dependent launch (tools/decode_knob_sweep.py; docs/benchmarks.md,
+# tenth session), ms/token for Mamba-1 1.4B / Mamba-1 130M / Mamba-2 130M at 4 warps per SM: 1.195 /
+# 0.256 / (0.262-0.272 in earlier calls); 6: 1.192 / 0.238 / 0.261; 8: 1.08-1.11 / 0.239 / 0.272-0.274;
+# 12: 1.08 / 0.279 / 0.273. No single count is best for all three (per-shape tuning would be the next
+# step). At most 4, 2 or 1 rows per program instead of 8 (at 4 warps per SM): 1.4B 1.20, 1.46, 1.96.
+# Jetson Orin (16 SMs) gets the same counts per SM, not tuned there.
 _W4_GEMV_MIN_BLOCK_N = 1
 _W4_GEMV_MAX_BLOCK_N = 8  # 1, 2, 4 or 8 (_w4_rows_sum)
-_W4_GEMV_WARPS = 1056
+_W4_GEMV_WARPS_PER_SM = 8  # 1056 warps on an H100
 # Widest K step of the W4 kernel, in int32 words (8 weights each) per row: 4 warps x 4 words.
 _W4_GEMV_MAX_BLOCK_W = 512
 # Weight words per thread loaded before the W4 kernel waits for them (4 x 16-byte loads in flight per
@@ -757,7 +776,7 @@ _W4_GEMV_MAX_WORDS = 32
 _W4_FMAGIC = 0x4B000000
 
 
-def _w4_gemv_config(n: int, k: int) -> tuple[int, int, int, int, int]:
+def _w4_gemv_config(n: int, k: int, sms: int = _NOMINAL_SMS) -> tuple[int, int, int, int, int]:
     """(BLOCK_N rows per program, VEC words per thread, BLOCK_W words per K step, BATCH steps per wait,
     num_warps) of the W4 GEMV for N outputs and K inputs.
 
@@ -774,7 +793,7 @@ def _w4_gemv_config(n: int, k: int) -> tuple[int, int, int, int, int]:
             block_w //= 2
     vec = min(4, max(block_w // 32, 1))
     warps = max(block_w // (32 * vec), 1)
-    block_n = _block_n(n, _W4_GEMV_MAX_BLOCK_N, _W4_GEMV_MIN_BLOCK_N, -(-_W4_GEMV_WARPS // warps))
+    block_n = _block_n(n, _W4_GEMV_MAX_BLOCK_N, _W4_GEMV_MIN_BLOCK_N, -(-_W4_GEMV_WARPS_PER_SM * sms // warps))
     while block_n > n:  # the last program is moved back to end at row N, so it must fit
         block_n //= 2
     batch = max(1, min(-(-kw // block_w), _W4_GEMV_MAX_WORDS // (block_n * vec)))
@@ -833,7 +852,7 @@ def _gemv_setup(name: str, x: torch.Tensor, n: int, bias: torch.Tensor | None, o
                 out: torch.Tensor | None, min_block_n: int) -> tuple[torch.Tensor, int, tuple[int, int]]:
     """Output, BLOCK_N and grid (N blocks x rows of x) of a GEMV kernel: BLOCK_N shrinks from 32 to
     ``min_block_n`` until the grid has ~4 programs per SM."""
-    block_n = _block_n(n, 32, min_block_n, _GEMV_PROGRAMS)
+    block_n = _block_n(n, 32, min_block_n, _GEMV_PROGRAMS_PER_SM * _sm_count(x))
     return _output(name, x, n, bias, out_dtype, out), block_n, ((n + block_n - 1) // block_n, x.shape[0])
 
 
@@ -945,7 +964,7 @@ def gemv_w4a16(
             x = x.contiguous() if not x.is_contiguous() else x.clone()
         if packed.data_ptr() % 4:
             packed = packed.clone()
-        bn, vec, bw, batch, warps = _w4_gemv_config(n, k)
+        bn, vec, bw, batch, warps = _w4_gemv_config(n, k, _sm_count(x))
         _w4_gemv_kernel[(triton.cdiv(n, bn), x.shape[0])](
             x, packed, scale, bias, y, n, x.stride(0), y.stride(0), _W4_FMAGIC, *_conv_args("gemv_w4a16", conv, y),
             K=k, GROUP=group, HAS_BIAS=bias is not None, **_conv_flags(conv), BLOCK_N=bn, VEC=vec, BLOCK_W=bw,
