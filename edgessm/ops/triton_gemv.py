@@ -33,7 +33,6 @@ weight may be float, W8 or W4.
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 
@@ -719,17 +718,10 @@ def _output(name: str, x: torch.Tensor, n: int, bias: torch.Tensor | None, out_d
 _NOMINAL_SMS = 132
 
 
-@functools.cache
-def _sm_count_of(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _sm_count(t: torch.Tensor) -> int:
     """Streaming multiprocessors of t's GPU (132 on an H100, 16 on Jetson AGX Orin): the grid targets
-    below are per SM, so that a layer spreads over whatever GPU runs it."""
-    if not t.is_cuda:
-        return _NOMINAL_SMS
-    return _sm_count_of(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    below are per SM, so that a layer spreads over whatever GPU runs it. (torch caches the properties.)"""
+    return torch.cuda.get_device_properties(t.device).multi_processor_count if t.is_cuda else _NOMINAL_SMS
 
 
 def _gemm_setup(name: str, x: torch.Tensor, n: int, bias: torch.Tensor | None, out_dtype: torch.dtype,
