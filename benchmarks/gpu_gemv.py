@@ -154,6 +154,7 @@ def run(args: argparse.Namespace, copy_bw: float, l2_bytes: int,
     from edgessm.ops import triton_gemv as Q
 
     rows: list[dict] = []
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     for config in args.configs.split(","):
         shapes = projection_shapes(CONFIGS[config])
         for proj in args.projections.split(","):
@@ -166,7 +167,7 @@ def run(args: argparse.Namespace, copy_bw: float, l2_bytes: int,
                             continue  # the backend runs such a layer as W8A16
                         if m <= Q._GEMV_MAX_M:
                             row["w4_config"] = dict(zip(("BLOCK_N", "VEC", "BLOCK_W", "BATCH", "num_warps"),
-                                                        Q._w4_gemv_config(n, k)))
+                                                        Q._w4_gemv_config(n, k, sms)))
                     log.info("%s %s [%d x %d] M=%d %s", config, proj, n, k, m, impl)
                     try:
                         row.update(bench(n, k, m, impl, args, l2_bytes))

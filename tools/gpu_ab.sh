@@ -81,6 +81,8 @@ if [ "${SKIP_KERNEL_BENCH:-0}" != 1 ]; then
   bench b1 "$tree_b" "$lib_b" "${B_BENCH_ARGS:-}"
   bench a2 "$tree_a" "$lib_a"
   bench b2 "$tree_b" "$lib_b" "${B_BENCH_ARGS:-}"
+  echo "== A/B (µs; b2/a1 < 1: B faster)"
+  "$PYTHON" tools/ab_table.py "$OUT"/{a1,b1,a2,b2}/bench_kernels.json || status=1
 fi
 
 if [ -n "${DECODE_ARGS:-}" ]; then
