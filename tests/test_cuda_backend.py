@@ -168,7 +168,7 @@ def test_wrappers_bind_exported_launchers() -> None:
     """Every wrapper's launcher essm_<name> (plus the SSD scan's workspace query) has a ctypes signature
     and is exported by a built library."""
     wrappers = [K.causal_conv1d_fwd, K.causal_conv1d_update, K.selective_scan_fwd, K.selective_state_update,
-                K.ssd_scan_fwd, K.ssd_state_update, K.w4a16_gemv_mma]
+                K.ssd_scan_fwd, K.ssd_state_update]
     assert {f"essm_{w.__name__}" for w in wrappers} | {"essm_ssd_scan_workspace_size"} == set(K._SIGNATURES)
     try:
         path = K.find_kernel_library()
