@@ -11,9 +11,7 @@ dt_proj [d_inner, dt_rank], out_proj [d_model, d_inner], lm_head [vocab, d_model
   without the dequantization), what ``weights="float"`` runs for decode;
 - ``w8a16``, ``w8a8``, ``w4a16``: edgessm.ops.triton_gemv.gemv_w8a16 / gemv_w8a8 / gemv_w4a16 on
   weights quantized from the same random float16 weights (W4: groups of ``--group``; W8A8: activation
-  scale absmax(x) / 127). ``w4a16-mma``: edgessm.ops.cuda_kernels.w4a16_gemv_mma (the tensor-core W4 GEMV of
-  plugins/kernels/w4_gemv.cu, float16 x only) on the same W4 weights, repacked. A projection whose K is not a
-  multiple of the W4 group has no w4a16 row (the
+  scale absmax(x) / 127). A projection whose K is not a multiple of the W4 group has no w4a16 row (the
   backend runs it as W8A16, e.g. dt_proj of Mamba-1 130M).
 
 Each row is one CUDA graph of ``copies`` calls, each on its own copy of the weights (distinct
@@ -58,7 +56,7 @@ log = logging.getLogger("gpu_gemv")
 
 GEMV_CONFIGS = ("mamba1-130m", "mamba1-1.4b")
 PROJECTIONS = ("in_proj", "x_proj", "dt_proj", "out_proj", "lm_head")
-IMPLS = ("fp16", "fp16-triton", "w8a16", "w8a8", "w4a16", "w4a16-mma")
+IMPLS = ("fp16", "fp16-triton", "w8a16", "w8a8", "w4a16")
 MAX_COPIES = 4096
 COLUMNS = ["config", "proj", "N", "K", "M", "impl", "us_per_call", "gb_s", "pct_copy_bw", "weight_bytes", "copies",
            "err_vs_fp16", "kernel_err", "error"]
@@ -81,8 +79,7 @@ def weight_bytes(impl: str, n: int, k: int, group: int) -> int:
         return 2 * n * k
     if impl in ("w8a16", "w8a8"):
         return n * k + 4 * n
-    rows = -(-n // 16) * 16 if impl == "w4a16-mma" else n  # its repacked weights pad N to tiles of 16
-    return rows * k // 2 + 4 * n * (k // group)
+    return n * k // 2 + 4 * n * (k // group)
 
 
 def copies_for(nbytes: int, min_copies: int, l2_bytes: int, l2_multiple: float) -> int:
@@ -113,13 +110,6 @@ def _impl(impl: str, w: torch.Tensor, x: torch.Tensor, group: int):
     if impl == "w4a16":
         p, s = Q.quantize_w4(w, group)
         return (p, s), lambda x_, t: Q.gemv_w4a16(x_, t[0], t[1]), Q.reference_w4a16(x, p, s)
-    if impl == "w4a16-mma":
-        from edgessm.ops import cuda_kernels as K
-
-        p, s = Q.quantize_w4(w, group)
-        n = w.shape[0]
-        return ((K.repack_w4_mma(p), s), lambda x_, t: K.w4a16_gemv_mma(x_, t[0], t[1], n),
-                Q.reference_w4a16(x, p, s))
     q, s = Q.quantize_w8(w)
     if impl == "w8a16":
         return (q, s), lambda x_, t: Q.gemv_w8a16(x_, t[0], t[1]), Q.reference_w8a16(x, q, s)
@@ -172,10 +162,10 @@ def run(args: argparse.Namespace, copy_bw: float, l2_bytes: int,
             for m in (int(v) for v in args.batch.split(",")):
                 for impl in args.impls.split(","):
                     row = {"config": config, "proj": proj, "N": n, "K": k, "M": m, "impl": impl}
-                    if impl.startswith("w4a16"):
-                        if k % args.group or (impl == "w4a16-mma" and k % 64):
+                    if impl == "w4a16":
+                        if k % args.group:
                             continue  # the backend runs such a layer as W8A16
-                        if impl == "w4a16" and m <= Q._GEMV_MAX_M:
+                        if m <= Q._GEMV_MAX_M:
                             row["w4_config"] = dict(zip(("BLOCK_N", "VEC", "BLOCK_W", "BATCH", "num_warps"),
                                                         Q._w4_gemv_config(n, k, sms)))
                     log.info("%s %s [%d x %d] M=%d %s", config, proj, n, k, m, impl)

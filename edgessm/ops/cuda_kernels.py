@@ -39,7 +39,6 @@ _SIGNATURES: dict[str, list] = {
                           _P, ctypes.c_size_t, _P],
     "essm_ssd_scan_workspace_size": [_I, _I, _I, _I, _I, _I],
     "essm_ssd_state_update": [_I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _I, _F, _F, _P, _P, _P, _I, _I, _I, _I, _I, _P],
-    "essm_w4a16_gemv_mma": [_P, ctypes.c_int64, _P, _P, _P, _P, ctypes.c_int64, _I, _I, _I, _I, _P],
 }
 
 
@@ -284,60 +283,4 @@ def ssd_state_update(
             _check(op, "C", C, (b, g, n), x.dtype), _check(op, "D", D, (h,), torch.float32, optional=True),
             _check(op, "dt_bias", dt_bias, (h,), torch.float32, optional=True), int(dt_softplus), lo, hi, None,
             _check(op, "out", y, (b, h, p), x.dtype), sp, b, h, p, g, n)
-    return y
-
-
-# ---- W4A16 GEMV on the tensor cores (decode) -----------------------------------------------------------
-W4_MMA_KBLOCK = 64  # inputs per 16-byte word of a lane (plugins/kernels/w4_gemv.cu)
-W4_MMA_MAX_M = 8    # rows of x: the columns of the mma's n8 operand
-
-
-def repack_w4_mma(packed: torch.Tensor) -> torch.Tensor:
-    """pack_int4 weights int8 [N, K/2] (two's complement nibbles, low nibble = even k) -> the fragment
-    order of ``w4a16_gemv_mma``: int32 [ceil(N/16), K/64, 32, 4], offset-binary nibbles (q + 8), rows
-    past N padded with zeros. Word j of lane 4g + t in (tile, kblock) holds, for rows r = 16 tile + g
-    and r + 8 and k0 = 64 kblock + 16 j, the nibbles i = 4e + 2h + c of (row r + 8c, k0 + 8h + 2t + e):
-    the mma.m16n8k16 A fragment of that k16 step (plugins/kernels/w4_gemv.cu). Runs on any device."""
-    n, half = packed.shape
-    k = 2 * half
-    if k % W4_MMA_KBLOCK:
-        raise ValueError(f"repack_w4_mma: K={k} must be a multiple of {W4_MMA_KBLOCK}")
-    p = packed.view(torch.uint8).to(torch.int32)
-    u = torch.stack([p & 0xF, p >> 4], dim=-1).flatten(-2) ^ 8  # offset binary: q + 8 in [0, 15]
-    tiles = -(-n // 16)
-    if tiles * 16 != n:
-        u = torch.cat([u, torch.full((tiles * 16 - n, k), 8, dtype=u.dtype, device=u.device)])
-    # row = 16 tile + 8 c + g; k = 64 kblock + 16 j + 8 h + 2 t + e
-    u = u.view(tiles, 2, 8, k // W4_MMA_KBLOCK, 4, 2, 4, 2)  # (tile, c, g, kblock, j, h, t, e)
-    u = u.permute(0, 3, 2, 6, 4, 7, 5, 1)  # (tile, kblock, g, t, j, e, h, c): nibble i = 4e + 2h + c
-    nibbles = u.reshape(tiles, k // W4_MMA_KBLOCK, 32, 4, 8)
-    shifts = 4 * torch.arange(8, dtype=torch.int64, device=u.device)
-    words = (nibbles.to(torch.int64) << shifts).sum(dim=-1)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
-
-
-def w4a16_gemv_mma(x: torch.Tensor, rw: torch.Tensor, scale: torch.Tensor, n: int,
-                   bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """y [M, N] f16 = x [M, K] f16 . dequantize_w4(packed, scale)^T (+ bias f32 [N]) on the tensor cores,
-    with rw = repack_w4_mma(packed) and scale f32 [N, K/group] (group a power of two >= 32); M <= 8."""
-    op = "w4a16_gemv_mma"
-    if x.dim() != 2 or rw.dim() != 4:
-        raise ValueError(f"{op}: x {tuple(x.shape)} must be [M, K] and rw {tuple(rw.shape)} [N/16, K/64, 32, 4]")
-    m, k = x.shape
-    if x.dtype != torch.float16:
-        raise TypeError(f"{op}: x has dtype {x.dtype}, expected torch.float16")
-    if not 1 <= m <= W4_MMA_MAX_M:
-        raise ValueError(f"{op}: x has {m} rows, expected 1..{W4_MMA_MAX_M}")
-    if scale.dim() != 2 or scale.shape[0] != n or scale.shape[1] == 0 or k % scale.shape[1]:
-        raise ValueError(f"{op}: scale has shape {tuple(scale.shape)}, expected [{n}, K/group] with K={k}")
-    group = k // scale.shape[1]
-    if group < 32 or group & (group - 1):
-        raise ValueError(f"{op}: group size {group} must be a power of two >= 32")
-    _same_device(op, {"x": x, "rw": rw, "scale": scale, "bias": bias, "out": out})
-    y = torch.empty((m, n), dtype=torch.float16, device=x.device) if out is None else out
-    _launch(op, _check(op, "x", x, (m, k)), k,
-            _check(op, "rw", rw, (-(-n // 16), k // W4_MMA_KBLOCK, 32, 4), torch.int32),
-            _check(op, "scale", scale, (n, k // group), torch.float32),
-            _check(op, "bias", bias, (n,), torch.float32, optional=True),
-            _check(op, "out", y, (m, n), torch.float16), n, m, n, k, group)
     return y

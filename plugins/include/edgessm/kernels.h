@@ -123,16 +123,6 @@ cudaError_t essm_hadamard_transform(essm_dtype in_dtype, essm_dtype out_dtype, c
                                     const float* had_m, int m, float scale, float out_scale,
                                     void* y, int64_t rows, int n, cudaStream_t stream);
 
-// ---- W4A16 GEMV (decode) on the tensor cores ------------------------------------------------
-// y [M, N] f16 (row stride ldy) = x [M, K] f16 (row stride ldx) . W^T (+ bias [N] f32, may be NULL),
-// W [N, K] = (q - 8) * scale[n][k / group] with q the 4-bit offset-binary weights in the fragment
-// order of edgessm.ops.cuda_kernels.repack_w4_mma (rw: [ceil(N/16)][K/64][32] 16-byte words, 16-byte
-// aligned); scale: [N, K/group] f32. 1 <= M <= 8, K % 64 == 0, group a power of two >= 32 dividing K;
-// x 4-byte aligned with an even ldx. Float32 accumulation; exact products.
-cudaError_t essm_w4a16_gemv_mma(const void* x, int64_t ldx, const void* rw, const float* scale,
-                                const float* bias, void* y, int64_t ldy, int M, int N, int K, int group,
-                                cudaStream_t stream);
-
 #ifdef __cplusplus
 }
 #endif
