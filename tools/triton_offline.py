@@ -12,14 +12,17 @@ launched kernel has 16-byte ones, so its register counts mislead.
     python tools/triton_offline.py --op w4a16 --n 8192 --k 2048 --arch 87 --sms 16   # Jetson AGX Orin
     python tools/triton_offline.py --op w8a16 --n 2048 --k 4096 --ptx /tmp/k.ptx
 
-Prints the launch (grid, constexprs, num_warps), ptxas's registers / spills / shared memory, and the PTX
-instruction mix (global loads with their widths, barriers, shuffles, arithmetic).
+Prints the launch (grid, constexprs, num_warps), ptxas's registers / spills / shared memory, the PTX
+instruction mix (global loads with their widths, barriers, shuffles, arithmetic) and the SASS opcode
+counts (cuobjdump, from the CUDA toolkit or the nvidia-cuda-cuobjdump wheel, disassembling with the
+nvdisasm that Triton ships). Counts are of the whole kernel: a loop body counts once.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import os
 import re
 import shutil
 import subprocess
@@ -118,6 +121,48 @@ def ptxas_resources(ptx: str, arch: int) -> str:
     return "; ".join(lines) if res.returncode == 0 else f"ptxas failed: {res.stderr.strip()[:500]}"
 
 
+def _cuobjdump() -> str | None:
+    """cuobjdump from PATH or from the nvidia-cuda-cuobjdump wheel (pip install nvidia-cuda-cuobjdump)."""
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    try:
+        import nvidia
+
+        for root in nvidia.__path__:
+            hits = sorted(Path(root).glob("*/bin/cuobjdump"))
+            if hits:
+                return str(hits[0])
+    except ImportError:
+        pass
+    return None
+
+
+def sass_mix(ptx: str, arch: int) -> str:
+    """SASS opcodes of the kernel (ptxas + cuobjdump, with the nvdisasm that Triton ships)."""
+    import triton
+
+    ptxas, cuobjdump = shutil.which("ptxas"), _cuobjdump()
+    if ptxas is None or cuobjdump is None:
+        return "(SASS needs ptxas and cuobjdump: the CUDA toolkit, or pip install nvidia-cuda-cuobjdump)"
+    sm = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    nvdisasm_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "k.ptx").write_text(ptx)
+        subprocess.run([ptxas, f"-arch={sm}", str(Path(d) / "k.ptx"), "-o", str(Path(d) / "k.cubin")], check=True,
+                       capture_output=True)
+        env = {**os.environ, "NVDISASM_PATH": str(nvdisasm_dir)}
+        res = subprocess.run([cuobjdump, "-sass", str(Path(d) / "k.cubin")], capture_output=True, text=True, env=env)
+    mix: collections.Counter = collections.Counter()
+    for line in res.stdout.splitlines():
+        m = re.match(r"\s+/\*[0-9a-f]{4}\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_]+)", line)
+        if m:
+            mix[m.group(2)] += 1
+    if not mix:
+        return f"(no SASS from cuobjdump: {res.stderr.strip()[:200]})"
+    return f"{sum(mix.values())}; " + ", ".join(f"{k} {v}" for k, v in mix.most_common(20))
+
+
 def instruction_mix(ptx: str) -> collections.Counter:
     """PTX instructions by opcode and first modifier (ld.global.v4 etc.), inline-asm loads included."""
     mix: collections.Counter = collections.Counter()
@@ -160,6 +205,7 @@ def main() -> int:
     print("  ptxas:", ptxas_resources(ptx, args.arch))
     mix = instruction_mix(ptx)
     print(f"  PTX instructions: {sum(mix.values())}; " + ", ".join(f"{k} {v}" for k, v in mix.most_common(24)))
+    print("  SASS instructions:", sass_mix(ptx, args.arch))
     return 0
 
 
