@@ -14,8 +14,8 @@ launched kernel has 16-byte ones, so its register counts mislead.
 
 Prints the launch (grid, constexprs, num_warps), ptxas's registers / spills / shared memory, the PTX
 instruction mix (global loads with their widths, barriers, shuffles, arithmetic) and the SASS opcode
-counts (cuobjdump, from the CUDA toolkit or the nvidia-cuda-cuobjdump wheel, disassembling with the
-nvdisasm that Triton ships). Counts are of the whole kernel: a loop body counts once.
+counts of the cubin Triton built (cuobjdump, from the CUDA toolkit or the nvidia-cuda-cuobjdump wheel,
+disassembling with the nvdisasm that Triton ships). Counts are of the whole kernel: a loop body counts once.
 """
 
 from __future__ import annotations
@@ -138,19 +138,17 @@ def _cuobjdump() -> str | None:
     return None
 
 
-def sass_mix(ptx: str, arch: int) -> str:
-    """SASS opcodes of the kernel (ptxas + cuobjdump, with the nvdisasm that Triton ships)."""
+def sass_mix(cubin: bytes) -> str:
+    """SASS opcodes of the kernel: the cubin Triton built (with its own ptxas), disassembled by cuobjdump
+    with the nvdisasm that Triton ships."""
     import triton
 
-    ptxas, cuobjdump = shutil.which("ptxas"), _cuobjdump()
-    if ptxas is None or cuobjdump is None:
-        return "(SASS needs ptxas and cuobjdump: the CUDA toolkit, or pip install nvidia-cuda-cuobjdump)"
-    sm = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    cuobjdump = _cuobjdump()
+    if cuobjdump is None:
+        return "(SASS needs cuobjdump: the CUDA toolkit, or pip install nvidia-cuda-cuobjdump)"
     nvdisasm_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     with tempfile.TemporaryDirectory() as d:
-        (Path(d) / "k.ptx").write_text(ptx)
-        subprocess.run([ptxas, f"-arch={sm}", str(Path(d) / "k.ptx"), "-o", str(Path(d) / "k.cubin")], check=True,
-                       capture_output=True)
+        (Path(d) / "k.cubin").write_bytes(cubin)
         env = {**os.environ, "NVDISASM_PATH": str(nvdisasm_dir)}
         res = subprocess.run([cuobjdump, "-sass", str(Path(d) / "k.cubin")], capture_output=True, text=True, env=env)
     mix: collections.Counter = collections.Counter()
@@ -169,7 +167,7 @@ def instruction_mix(ptx: str) -> collections.Counter:
     for line in ptx.splitlines():
         s = line.strip()
         m = re.match(r"(@!?%p\d+\s+)?([a-z][a-z0-9_]*(\.[a-z0-9_]+)*)", s)
-        if not m or s.startswith(("//", ".", "mov.u32 %r", "$")) and not s.startswith("mov"):
+        if not m or s.startswith(("//", ".", "$")):  # comments, directives, labels
             continue
         parts = m.group(2).split(".")
         key = ".".join(parts[:3]) if parts[0] in ("ld", "st") else ".".join(parts[:2])
@@ -205,7 +203,7 @@ def main() -> int:
     print("  ptxas:", ptxas_resources(ptx, args.arch))
     mix = instruction_mix(ptx)
     print(f"  PTX instructions: {sum(mix.values())}; " + ", ".join(f"{k} {v}" for k, v in mix.most_common(24)))
-    print("  SASS instructions:", sass_mix(ptx, args.arch))
+    print("  SASS instructions:", sass_mix(kernel.asm["cubin"]))
     return 0
 
 
