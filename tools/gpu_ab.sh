@@ -9,12 +9,14 @@
 #
 # Environment: OUT (default out/gpu_ab), ONLY (the harness/benchmark --only filter; empty = all
 # kernels), CUDA_ARCHS (default 90), PYTHON (default python3), DECODE_ARGS (when set, also time
-# benchmarks/gpu_decode.py with these arguments in both trees; DECODE_TWICE=1: A, B, A, B), SKIP_CHECK=1 (no correctness run),
+# benchmarks/gpu_decode.py with these arguments in both trees; DECODE_TWICE=1: A, B, A, B), GEMV_ARGS
+# (when set, also time benchmarks/gpu_gemv.py with these arguments: A, B, A, B), SKIP_CHECK=1 (no correctness run),
 # SKIP_KERNEL_BENCH=1 (no kernel benchmark: for patches outside plugins/), B_TESTS (pytest files run
 # in tree B against its kernels, e.g. tests/test_cuda_backend.py), TensorRT_ROOT (TensorRT headers:
 # also run the TensorRT plugin harness on tree B, whose plugins call the patched launchers),
 # B_BENCH_ARGS (more benchmark arguments for tree B only, e.g. "--kernel-times --ssd-variants '0,0 4,2,4'").
-# Results: $OUT/{a,b}{1,2}/bench_kernels.json, $OUT/b/check_kernels.json, $OUT/{a,b,a2,b2}/gpu_decode.json.
+# Results: $OUT/{a,b}{1,2}/bench_kernels.json, $OUT/b/check_kernels.json, $OUT/{a,b,a2,b2}/gpu_decode.json,
+# $OUT/{a1,b1,a2,b2}/gpu_gemv.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 patch_file=$(realpath "${1:?usage: tools/gpu_ab.sh PATCH}")
@@ -83,6 +85,19 @@ if [ "${SKIP_KERNEL_BENCH:-0}" != 1 ]; then
   bench b2 "$tree_b" "$lib_b" "${B_BENCH_ARGS:-}"
   echo "== A/B (µs; b2/a1 < 1: B faster)"
   "$PYTHON" tools/ab_table.py "$OUT"/{a1,b1,a2,b2}/bench_kernels.json || status=1
+fi
+
+if [ -n "${GEMV_ARGS:-}" ]; then
+  for side in a1 b1 a2 b2; do
+    tree=$tree_a
+    [ "${side:0:1}" = b ] && tree=$tree_b
+    mkdir -p "$OUT/$side"
+    echo "== GEMV benchmark $side"
+    # shellcheck disable=SC2086
+    (cd "$tree" && PYTHONPATH="$tree" "$PYTHON" benchmarks/gpu_gemv.py --json "$OUT/$side/gpu_gemv.json" $GEMV_ARGS) \
+      > "$OUT/$side/gpu_gemv.log" 2>&1 || status=1
+  done
+  "$PYTHON" tools/ab_table.py "$OUT"/{a1,b1,a2,b2}/gpu_gemv.json || status=1
 fi
 
 if [ -n "${DECODE_ARGS:-}" ]; then

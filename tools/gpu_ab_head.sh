@@ -10,13 +10,13 @@
 #
 #   OUT_DIR=$OUT ONLY=ssd bash tools/gpu_ab_head.sh ab/change.patch
 #
-# The logs that matter (benchmarks a1 b1 a2 b2, check, plugin harness, tests, decode) are copied to
+# The logs that matter (benchmarks a1 b1 a2 b2, check, plugin harness, tests, decode, GEMV) are copied to
 # $OUT_DIR under short names.
 R=$PWD
 P=$(realpath "${1:?usage: tools/gpu_ab_head.sh PATCH}")
 : "${OUT_DIR:?set OUT_DIR (where the logs go)}"
 rm -rf /tmp/ab_a && mkdir -p /tmp/ab_a && tar -xf ab/head.tar -C /tmp/ab_a && cd /tmp/ab_a || exit 2
-cp "$R/tools/gpu_ab.sh" tools/gpu_ab.sh  # this tree's A/B driver (its options), on tree A's files
+cp "$R/tools/gpu_ab.sh" "$R/tools/ab_table.py" tools/  # this tree's A/B driver (its options), on tree A's files
 export TensorRT_ROOT=${TensorRT_ROOT-$R/third_party/TensorRT} OUT=/tmp/ab_out
 bash tools/gpu_ab.sh "$P" > /tmp/ab.log 2>&1
 echo "gpu_ab rc=$?"
@@ -25,4 +25,5 @@ cd /tmp/ab_out || exit 2
 for f in a1 b1 a2 b2; do [ -f $f/bench_kernels.log ] && cp $f/bench_kernels.log "$OUT_DIR/bench_$f.log"; done
 for f in b/check_kernels.log b/trt_harness.log b/tests.log; do [ -f $f ] && cp $f "$OUT_DIR/$(basename $f)"; done
 for s in a b a2 b2; do [ -f $s/gpu_decode.log ] && cp $s/gpu_decode.log "$OUT_DIR/decode_$s.log"; done
+for s in a1 b1 a2 b2; do [ -f $s/gpu_gemv.log ] && cp $s/gpu_gemv.log "$OUT_DIR/gemv_$s.log"; done
 cp /tmp/ab.log "$OUT_DIR/ab.log"

@@ -84,6 +84,8 @@ def compile_launch(fn, args: tuple, kwargs: dict, arch: int):
     from triton.compiler import ASTSource
 
     options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "launch_pdl") if k in kwargs}
+    if "ASM" in kwargs:
+        kwargs["ASM"] = True  # the launchers pass x.is_cuda: inline-assembly loads on a GPU
     if arch < 90:
         options.pop("launch_pdl", None)
         kwargs["PDL"] = False  # the launchers turn PDL off below sm_90
@@ -185,6 +187,7 @@ def main() -> int:
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10: 90 H100, 87 Jetson Orin")
     ap.add_argument("--sms", type=int, default=132, help="SMs the launcher sizes the grid for (Orin: 16)")
     ap.add_argument("--ptx", type=Path, help="also write the PTX here")
+    ap.add_argument("--ttgir", type=Path, help="also write the TritonGPU IR here (the layouts of every tensor)")
     args = ap.parse_args()
     try:
         import triton  # noqa: F401
@@ -195,6 +198,8 @@ def main() -> int:
     ptx = kernel.asm["ptx"]
     if args.ptx:
         args.ptx.write_text(ptx)
+    if args.ttgir:
+        args.ttgir.write_text(kernel.asm["ttgir"])
     names = fn.arg_names
     shown = {names[i[0]]: v for i, v in constexprs.items() if v is not None}
     print(f"{fn.__name__} [{args.op} N={args.n} K={args.k} M={args.m}] sm_{args.arch}, grid {grid}, "
