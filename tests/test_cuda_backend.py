@@ -516,13 +516,14 @@ def test_gemv_conv_update_in_interpreter() -> None:
 # that the programs own 2-8 rows and the last one overlaps), for the interpreter: one K step of 256 or
 # 512 words, 3 batched steps of 32 or 64 words, 2 steps of 512 (two waits), masked steps (K/8 = 272),
 # 16 words on 32 threads (K = 128); bias for odd M; x strided, with an odd stride (copied) or at an
-# address that is not a multiple of 4 bytes (copied).
+# address that is not a multiple of 4 bytes (copied); x and the packed weights 8 bytes past a 16-byte
+# boundary (both copied: the kernel loads 16-byte vectors).
 W4_CASES = [
     (1, 13, 2048, 128, "float16", "contiguous"), (3, 13, 2048, 32, "bfloat16", "strided"),
     (4, 24, 4096, 64, "float16", "contiguous"), (1, 10, 768, 128, "bfloat16", "contiguous"),
     (2, 6, 1536, 32, "float16", "odd-stride"), (3, 9, 8192, 128, "float16", "contiguous"),
     (2, 5, 2176, 64, "bfloat16", "misaligned"), (3, 3, 128, 32, "float16", "strided"),
-    (1, 11, 640, 64, "float16", "contiguous"),
+    (1, 11, 640, 64, "float16", "contiguous"), (2, 7, 1024, 64, "float16", "misaligned-16"),
 ]
 W4_GPU_CASES = W4_CASES + [
     (1, 8192, 2048, 128, "float16", "contiguous"), (1, 50280, 2048, 128, "bfloat16", "contiguous"),
@@ -544,11 +545,16 @@ def _w4_rel_err(case: tuple, device: str) -> float:
         x = xs[:, :k]
     elif layout == "odd-stride":
         x = xs.view(-1)[: m * (k + 1)].view(m, k + 1)[:, :k]
-    else:  # misaligned: 2 bytes past a 4-byte boundary
+    elif layout == "misaligned":  # 2 bytes past a 4-byte boundary
         x = xs.view(-1)[1: 1 + m * k].view(m, k)
+    else:  # misaligned-16: 8 bytes past a 16-byte boundary (x and, below, the packed weights)
+        x = xs.view(-1)[4: 4 + m * k].view(m, k)
     w = torch.randn(n, k, generator=gen).to(device) * 0.05
     bias = torch.randn(n, generator=gen).to(device=device, dtype=dt) if m % 2 else None
     p, s = Q.quantize_w4(w, group)
+    if layout == "misaligned-16":
+        p = torch.cat([p.new_zeros(8), p.flatten()])[8:].view(p.shape)
+        assert p.data_ptr() % 16 == 8 and x.data_ptr() % 16 == 8
     out = torch.full((m, n), float("nan"), device=device, dtype=dt)
     got = Q.gemv_w4a16(x, p, s, bias, out=out)
     assert got.data_ptr() == out.data_ptr()

@@ -15,9 +15,15 @@
 R=$PWD
 P=$(realpath "${1:?usage: tools/gpu_ab_head.sh PATCH}")
 : "${OUT_DIR:?set OUT_DIR (where the logs go)}"
-rm -rf /tmp/ab_a && mkdir -p /tmp/ab_a && tar -xf ab/head.tar -C /tmp/ab_a && cd /tmp/ab_a || exit 2
+# A second call with the same head.tar keeps tree A and its kernel build (ninja then has nothing to do).
+sum=$(md5sum < ab/head.tar)
+if [ "$(cat /tmp/ab_a.md5 2>/dev/null)" != "$sum" ]; then
+  rm -rf /tmp/ab_a && mkdir -p /tmp/ab_a && tar -xf ab/head.tar -C /tmp/ab_a && echo "$sum" > /tmp/ab_a.md5 || exit 2
+fi
+cd /tmp/ab_a || exit 2
 cp "$R/tools/gpu_ab.sh" "$R/tools/ab_table.py" tools/  # this tree's A/B driver (its options), on tree A's files
 export TensorRT_ROOT=${TensorRT_ROOT-$R/third_party/TensorRT} OUT=/tmp/ab_out
+rm -rf /tmp/ab_out
 bash tools/gpu_ab.sh "$P" > /tmp/ab.log 2>&1
 echo "gpu_ab rc=$?"
 grep -v "^    " /tmp/ab.log | tail -30

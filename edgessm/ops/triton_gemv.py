@@ -458,21 +458,47 @@ if triton is not None:
                                    tl.join(tl.join(accs[1], accs[5]), tl.join(accs[3], accs[7]))), [C, 8])
         return tl.sum(t, axis=0)
 
+    @triton.jit
+    def _load_words(ptr, N: tl.constexpr, ASM: tl.constexpr):
+        """The N (1, 2 or 4) consecutive int32 words at each of the pointers ptr [C] as N tensors [C] of
+        ptr's layout: one vector load per pointer with ASM (N * 4-byte aligned addresses), else N scalar
+        loads (Triton's interpreter runs no inline assembly). tl.load of a [C, N] block would do the
+        same in one instruction, but its layout (chosen for the load) differs from that of the [C]
+        tensors computed from the words, and the conversions go through shared memory."""
+        if not ASM:
+            if N == 1:
+                return (tl.load(ptr),)
+            elif N == 2:
+                return tl.load(ptr), tl.load(ptr + 1)
+            else:
+                return tl.load(ptr), tl.load(ptr + 1), tl.load(ptr + 2), tl.load(ptr + 3)
+        # not pure: the loads keep their place relative to _pdl_wait (also inline assembly)
+        elif N == 1:
+            return (tl.inline_asm_elementwise("ld.global.b32 $0, [$1];", "=r,l", [ptr], dtype=tl.int32,
+                                              is_pure=False, pack=1),)
+        elif N == 2:
+            return tl.inline_asm_elementwise("ld.global.v2.b32 {$0, $1}, [$2];", "=r,=r,l", [ptr],
+                                             dtype=(tl.int32, tl.int32), is_pure=False, pack=1)
+        else:
+            return tl.inline_asm_elementwise("ld.global.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", [ptr],
+                                             dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=False, pack=1)
+
     @triton.jit(do_not_specialize=["fmagic"])
     def _w4_gemv_kernel(
         x_ptr, p_ptr, s_ptr, b_ptr, y_ptr, N, stride_xm, stride_ym, fmagic, cs_ptr, cw_ptr, cb_ptr, conv_start, conv_c,
         K: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, CONV_W: tl.constexpr, CONV_BIAS: tl.constexpr,
-        BLOCK_N: tl.constexpr, VEC: tl.constexpr, BLOCK_W: tl.constexpr, BATCH: tl.constexpr, PDL: tl.constexpr,
+        BLOCK_N: tl.constexpr, VEC: tl.constexpr, BLOCK_W: tl.constexpr, BATCH: tl.constexpr, ASM: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         # Decode (few rows of x): program (i, m) owns BLOCK_N output rows of activation row m. The packed
         # weights are read as int32 words (8 nibbles = inputs 8w..8w+7, low nibble first): per K step of
-        # BLOCK_W words, each thread takes VEC consecutive words (one vector load, inside one
-        # quantization group) of every row. The rows are separate tensors of one layout, so the
-        # activations (read as int32 pairs) are converted once for all BLOCK_N rows and nothing changes
-        # layout. Per weight: one LOP3 + one FADD (_w4_nibble) + one FFMA; per row and thread the VEC
-        # words are summed in-thread and multiplied by their group scale once. K is a compile-time
-        # constant and the K steps unroll, BATCH steps' loads at a time; the rows are reduced across
-        # threads together at the end.
+        # BLOCK_W words, thread c takes the VEC consecutive words from c * VEC (one vector load, inside
+        # one quantization group) of every row, and their activations: word w's 16 activations are the
+        # int32 pairs 4w..4w+3, one 16-byte load per word, converted once for all BLOCK_N rows. Every
+        # tensor is [CH] (one element per thread, _load_words), so nothing changes layout. Per weight: one
+        # LOP3 + one FADD (_w4_nibble) + one FFMA; per row and thread the VEC words are summed in-thread
+        # and multiplied by their group scale once. K is a compile-time constant and the K steps unroll,
+        # BATCH steps' loads at a time; the rows are reduced across threads together at the end.
         #
         # ``fmagic`` is 0x4B000000 (the float 2**23) passed in at run time rather than written as a
         # literal: as a register it lets ptxas fuse (u & mask) | magic into one LOP3 (with two
@@ -491,8 +517,7 @@ if triton is not None:
         r0 = tl.minimum(tl.program_id(0) * BLOCK_N, N - BLOCK_N)
         m = tl.program_id(1)
         zero = fmagic >> 31
-        rc = tl.arange(0, CH)
-        cw0 = rc[:, None] * VEC + tl.arange(0, VEC)[None, :]  # [CH, VEC] words of a K step
+        c0 = tl.arange(0, CH) * VEC  # a thread's first word in a K step
         pw = p_ptr.to(tl.pointer_type(tl.int32)) + r0 * KW
         sp = s_ptr + r0 * NG
         xw_ptr = x_ptr.to(tl.pointer_type(tl.int32)) + m * (stride_xm // 2)
@@ -500,61 +525,74 @@ if triton is not None:
         for r in tl.static_range(BLOCK_N):
             accs = accs + (tl.zeros([CH], dtype=tl.float32),)
         for b0 in tl.static_range(0, STEPS, BATCH):
-            # loads of steps b0 .. b0 + BATCH - 1: step i's row r at [i * BLOCK_N + r], pair j at [4 * i + j]
+            # loads of steps b0 .. b0 + BATCH - 1 (i = step - b0): row r's word v at ws[(i * BLOCK_N + r) * VEC
+            # + v], its scale at ss[i * BLOCK_N + r], pair j of word v at xws[(i * VEC + v) * 4 + j]
             ws = ()
             ss = ()
             xws = ()
             for st in tl.static_range(b0, b0 + BATCH):
                 if st < STEPS:
-                    cw = st * BLOCK_W + cw0
-                    gi = (st * BLOCK_W + rc * VEC) // (GROUP // 8)  # a thread's VEC words lie in one group
+                    cw = st * BLOCK_W + c0
+                    if not EVEN:  # words past the row read word 0; their scales (below) are 0
+                        cw = tl.where(cw < KW, cw, 0)
+                    gi = (st * BLOCK_W + c0) // (GROUP // 8)  # a thread's VEC words lie in one group
                     for r in tl.static_range(BLOCK_N):
+                        ws = ws + _load_words(pw + r * KW + cw, VEC, ASM)
                         if EVEN:
-                            ws = ws + (tl.load(pw + r * KW + cw),)
                             ss = ss + (tl.load(sp + r * NG + gi),)
-                        else:  # masked words are 0 (nibbles of -8), but so are their activations and scales
-                            ws = ws + (tl.load(pw + r * KW + cw, mask=cw < KW, other=0),)
+                        else:
                             ss = ss + (tl.load(sp + r * NG + gi, mask=gi < NG, other=0.0),)
             if b0 == 0:
                 _pdl_wait(PDL)
             for st in tl.static_range(b0, b0 + BATCH):
                 if st < STEPS:
-                    cw = st * BLOCK_W + cw0
-                    for j in tl.static_range(4):
+                    cw = st * BLOCK_W + c0
+                    for v in tl.static_range(VEC):
                         if EVEN:
-                            xws = xws + (tl.load(xw_ptr + cw * 4 + j),)
-                        else:
-                            xws = xws + (tl.load(xw_ptr + cw * 4 + j, mask=cw < KW, other=0),)
+                            xws = xws + _load_words(xw_ptr + (cw + v) * 4, 4, ASM)
+                        else:  # their activations are 0 too (a scale of 0 times a non-finite x is not)
+                            ok = cw < KW  # (KW and VEC are multiples of 4: a thread's words are all in or out)
+                            pairs = _load_words(xw_ptr + tl.where(ok, cw + v, 0) * 4, 4, ASM)
+                            for j in tl.static_range(4):
+                                xws = xws + (tl.where(ok, pairs[j], 0),)
             # ``magic`` is fmagic | 0, the 0 computed from every word and scale loaded above: as the
             # unpacking below depends on it, ptxas has to issue all of these loads before it unpacks
             # anything (otherwise it sinks each row's loads to just before that row's arithmetic, and
             # their latencies add up instead of overlapping).
             dep = zero
+            for i in tl.static_range(len(ws)):
+                dep = dep & ws[i]
             for i in tl.static_range(len(ss)):
-                dep = dep & tl.reduce(ws[i], 1, _and) & ss[i].to(tl.int32, bitcast=True)
+                dep = dep & ss[i].to(tl.int32, bitcast=True)
             for i in tl.static_range(len(xws)):
-                dep = dep & tl.reduce(xws[i], 1, _and)
-            magic = (dep | fmagic)[:, None]
-            for i in tl.static_range(len(xws) // 4):
-                xs = ()
-                for j in tl.static_range(4):
-                    lo, hi = _x_halves(xws[4 * i + j], F16)
-                    xs = xs + (lo, hi)
-                us = ()
-                for r in tl.static_range(BLOCK_N):
-                    us = us + (ws[i * BLOCK_N + r] ^ -0x77777778,)  # ^ 0x88888888: each nibble + 8
-                # nibble-major, so that the rows' independent FFMA chains interleave
-                parts = ()
-                for r in tl.static_range(BLOCK_N):
-                    parts = parts + (_w4_nibble(us[r], 0, magic) * xs[0],)
-                for n in tl.static_range(1, 8):
-                    nxt = ()
+                dep = dep & xws[i]
+            magic = dep | fmagic
+            for i in tl.static_range(len(ss) // BLOCK_N):
+                parts = ()  # [r * VEC + v]: row r's sum over word v's 8 weights
+                for v in tl.static_range(VEC):
+                    xs = ()
+                    for j in tl.static_range(4):
+                        lo, hi = _x_halves(xws[(i * VEC + v) * 4 + j], F16)
+                        xs = xs + (lo, hi)
+                    us = ()
                     for r in tl.static_range(BLOCK_N):
-                        nxt = nxt + (parts[r] + _w4_nibble(us[r], n, magic) * xs[n],)
-                    parts = nxt
+                        us = us + (ws[(i * BLOCK_N + r) * VEC + v] ^ -0x77777778,)  # ^ 0x88888888: nibble + 8
+                    # nibble-major, so that the rows' independent FFMA chains interleave
+                    row_parts = ()
+                    for r in tl.static_range(BLOCK_N):
+                        row_parts = row_parts + (_w4_nibble(us[r], 0, magic) * xs[0],)
+                    for n in tl.static_range(1, 8):
+                        nxt = ()
+                        for r in tl.static_range(BLOCK_N):
+                            nxt = nxt + (row_parts[r] + _w4_nibble(us[r], n, magic) * xs[n],)
+                        row_parts = nxt
+                    parts = parts + row_parts
                 nxt = ()
                 for r in tl.static_range(BLOCK_N):
-                    nxt = nxt + (accs[r] + tl.sum(parts[r], axis=1) * ss[i * BLOCK_N + r],)
+                    row_sum = parts[r]
+                    for v in tl.static_range(1, VEC):
+                        row_sum += parts[v * BLOCK_N + r]
+                    nxt = nxt + (accs[r] + row_sum * ss[i * BLOCK_N + r],)
                 accs = nxt
         y = _w4_rows_sum(accs, BLOCK_N)
         rows = r0 + tl.arange(0, BLOCK_N)
@@ -951,16 +989,17 @@ def gemv_w4a16(
     _require_triton()
     if x.shape[0] <= _GEMV_MAX_M:
         y = _output("gemv_w4a16", x, n, bias, x.dtype, out)
-        # the kernel reads x and the packed weights as int32 words
-        if (x.shape[0] > 1 and x.stride(0) % 2) or x.data_ptr() % 4:
+        # the kernel reads x and the packed weights in 16-byte vectors (_load_words): x rows and the
+        # weights must start at multiples of 16 bytes (fresh tensors do; views may not)
+        if (x.shape[0] > 1 and x.stride(0) % 8) or x.data_ptr() % 16:
             x = x.contiguous() if not x.is_contiguous() else x.clone()
-        if packed.data_ptr() % 4:
+        if packed.data_ptr() % 16:
             packed = packed.clone()
         bn, vec, bw, batch, warps = _w4_gemv_config(n, k, _sm_count(x))
         _w4_gemv_kernel[(triton.cdiv(n, bn), x.shape[0])](
             x, packed, scale, bias, y, n, x.stride(0), y.stride(0), _W4_FMAGIC, *_conv_args("gemv_w4a16", conv, y),
             K=k, GROUP=group, HAS_BIAS=bias is not None, **_conv_flags(conv), BLOCK_N=bn, VEC=vec, BLOCK_W=bw,
-            BATCH=batch, num_warps=warps, **_pdl(y))
+            BATCH=batch, ASM=x.is_cuda, num_warps=warps, **_pdl(y))
         return y
     _no_conv_beyond_gemv("gemv_w4a16", conv, x.shape[0])
     y, bm, bn, grid = _gemm_setup("gemv_w4a16", x, n, bias, x.dtype, out)

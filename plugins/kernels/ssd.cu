@@ -854,6 +854,9 @@ __global__ void __launch_bounds__(MmaShape<kGroups>::kThreads, kStateOnly ? 3 : 
   constexpr int kMt = kSRows / 16;        // m16 tiles of state per warp
   static_assert(kMt >= 1 && kSRows % 16 == 0, "kN must be 64 or 128");
   extern __shared__ __align__(128) unsigned char smem_raw[];
+  // Pass 1 lets pass 2 (launched with PDL, launch_ssd_mma) start at once: its segment-0 blocks need
+  // nothing from pass 1, and the others stage their first chunk before they wait for it.
+  if constexpr (kStateOnly) pdl_launch_dependents();
   const MmaSmem lay(kN, sizeof(Tin), kStateOnly);
   const int N = p.dstate, L = p.seqlen, H = p.nheads, P = p.headdim, G = p.ngroups;
   // block = (tile, segment) in pass 2, (tile, segment, piece) in pass 1, which runs the pieces of
@@ -955,6 +958,7 @@ __global__ void __launch_bounds__(MmaShape<kGroups>::kThreads, kStateOnly ? 3 : 
   const int carried = kStateOnly ? 0 : seg * split.pieces;
   const float* carry = reinterpret_cast<const float*>(smem_raw + lay.Sh);  // [kColTile][kN] (true scale)
   if (carried > 0) {
+    pdl_wait();  // pass 1 wrote the pieces' end states and decays
     static_assert(kColTile * kN * sizeof(float) <= 2 * kN * (kColTile + 8) * sizeof(Tm), "fits Sh");
     constexpr int kPer = kColTile * kN / kThreads;
     float v[kPer];
@@ -1454,14 +1458,22 @@ SegSplit split_for_device(int64_t tiles, int seqlen, int kn, int64_t slots, int6
 }
 
 // Launches one pass of the register-resident kernel: kGroups warp groups, kStateOnly = pass 1.
+// Pass 2 of a split is a programmatic dependent launch (PDL, sm_90 and later) after pass 1: its
+// blocks are scheduled as pass 1's finish and only those that carry a state wait for pass 1
+// (ssd_mma_kernel). Pass 1, and an unsplit pass 2, wait for the kernels before them as usual: they
+// read what those wrote from their first instruction on.
 template <typename Tin, typename Tout, int kN, int kGroups, bool kStateOnly>
 cudaError_t launch_ssd_mma_pass(const SsdArgs& a, const MmaSmem& lay, int64_t blocks, int ptiles,
                                 const SegSplit& split, cudaStream_t stream) {
   auto kernel = ssd_mma_kernel<Tin, Tout, kN, kGroups, kStateOnly>;
   const cudaError_t err = allow_dynamic_smem(kernel, lay.bytes);
   if (err != cudaSuccess) return err;
-  kernel<<<static_cast<unsigned>(blocks), MmaShape<kGroups>::kThreads, lay.bytes, stream>>>(
-      a, ptiles, x_rows_async<Tin>(a), split);
+  const bool x_async = x_rows_async<Tin>(a);
+  if (!kStateOnly && split.segments > 1)
+    return launch_pdl(kernel, static_cast<unsigned>(blocks), MmaShape<kGroups>::kThreads, lay.bytes, stream, a,
+                      ptiles, x_async, split);
+  kernel<<<static_cast<unsigned>(blocks), MmaShape<kGroups>::kThreads, lay.bytes, stream>>>(a, ptiles, x_async,
+                                                                                             split);
   return launch_status();
 }
 
