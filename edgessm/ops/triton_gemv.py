@@ -472,7 +472,7 @@ if triton is not None:
                 return tl.load(ptr), tl.load(ptr + 1)
             else:
                 return tl.load(ptr), tl.load(ptr + 1), tl.load(ptr + 2), tl.load(ptr + 3)
-        # not pure: the loads keep their place relative to _pdl_wait (also inline assembly)
+        # (is_pure=False: the loads keep their place relative to _pdl_wait, also inline assembly)
         elif N == 1:
             return (tl.inline_asm_elementwise("ld.global.b32 $0, [$1];", "=r,l", [ptr], dtype=tl.int32,
                                               is_pure=False, pack=1),)
