@@ -473,16 +473,43 @@ needs_interpreter = pytest.mark.skipif(Q.triton is not None and not _interpreter
                                        reason="Triton < 3.8's interpreter needs NumPy < 2.4")
 
 
+# Turns on tl.device_assert in Triton's interpreter (its options are fixed at debug=False otherwise), e.g. the
+# alignment check of the vector loads in triton_gemv._load_words.
+_INTERPRETER_ASSERTS = ("import dataclasses; from triton.runtime import interpreter as _ti;"
+                        " _ti.interpreter_builder.options = dataclasses.replace(_ti.interpreter_builder.options,"
+                        " debug=True);")
+
+
 def _in_interpreter(code: str, timeout_s: int) -> list:
     """Runs `code` in a fresh Python with TRITON_INTERPRET=1 (which takes effect when the kernels are
-    defined) from the repository root; returns the JSON its last output line prints."""
+    defined) and device asserts on, from the repository root; returns the JSON its last output line
+    prints."""
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "TRITON_INTERPRET": "1",
            "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=timeout_s)
+    proc = subprocess.run([sys.executable, "-c", _INTERPRETER_ASSERTS + code], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=timeout_s)
     assert proc.returncode == 0, proc.stderr[-6000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@needs_triton
+def test_interpreter_checks_vector_load_alignment() -> None:
+    """The interpreter runs of the GEMV kernels check the alignment that their 16-byte loads need on a GPU:
+    _load_words of 4 words one word past a 16-byte boundary must fail, at the boundary pass."""
+    results = _in_interpreter(
+        "import json, torch, triton, triton.language as tl; from edgessm.ops import triton_gemv as Q\n"
+        "@triton.jit\n"
+        "def k(p, offset):\n"
+        "    w = Q._load_words(p.to(tl.pointer_type(tl.int32)) + offset + tl.arange(0, 2) * 4, 4, False)\n"
+        "    tl.store(p.to(tl.pointer_type(tl.int32)) + 32 + tl.arange(0, 2), w[0])\n"
+        "def run(offset):\n"
+        "    try:\n"
+        "        k[(1,)](torch.zeros(64, dtype=torch.int32), offset); return 'passed'\n"
+        "    except Exception as e:\n"
+        "        return 'misaligned' if 'misaligned vector load' in repr(e) else repr(e)\n"
+        "print(json.dumps([run(0), run(1)]))", timeout_s=120)
+    assert results == ["passed", "misaligned"]
 
 
 @needs_triton

@@ -466,6 +466,9 @@ if triton is not None:
         same in one instruction, but its layout (chosen for the load) differs from that of the [C]
         tensors computed from the words, and the conversions go through shared memory."""
         if not ASM:
+            # what the vector load would need; checked where device asserts run (the tests turn them on in
+            # the interpreter, so that its runs catch a misaligned address that would fault on a GPU)
+            tl.device_assert(ptr.to(tl.int64, bitcast=True) % (4 * N) == 0, "_load_words: misaligned vector load")
             if N == 1:
                 return (tl.load(ptr),)
             elif N == 2:
