@@ -7,8 +7,8 @@ dt_proj [d_inner, dt_rank], out_proj [d_model, d_inner], lm_head [vocab, d_model
 
 - ``fp16``: torch.nn.functional.linear on float16 weights (cuBLAS), what ``weights="float"`` ran before
   ``gemv_float``;
-- ``fp16-triton``: edgessm.ops.triton_gemv.gemv_float on the same float16 weights (the W8 GEMV kernel
-  without the dequantization), what ``weights="float"`` runs for decode;
+- ``fp16-triton``: edgessm.ops.triton_gemv.gemv_float on the same float16 weights (the word-streaming
+  GEMV kernel of the W4 and W8A16 ones with 16-bit weights), what ``weights="float"`` runs for decode;
 - ``w8a16``, ``w8a8``, ``w4a16``: edgessm.ops.triton_gemv.gemv_w8a16 / gemv_w8a8 / gemv_w4a16 on
   weights quantized from the same random float16 weights (W4: groups of ``--group``; W8A8: activation
   scale absmax(x) / 127). A projection whose K is not a multiple of the W4 group has no w4a16 row (the
@@ -148,6 +148,9 @@ def bench_row(n: int, k: int, m: int, impl: str, args: argparse.Namespace, l2_by
                p90_us=1e3 * t["p90_ms"] / ncopies)
     return row
 
+# weight bits of the impls that may run edgessm's word-streaming GEMV kernel (its launch config goes in the JSON)
+WORD_GEMV_BITS = {"w4a16": 4, "w8a16": 8, "w8a8": 8, "fp16-triton": 16}
+
 
 def run(args: argparse.Namespace, copy_bw: float, l2_bytes: int,
         bench: Callable[..., dict] = bench_row) -> list[dict]:
@@ -162,12 +165,13 @@ def run(args: argparse.Namespace, copy_bw: float, l2_bytes: int,
             for m in (int(v) for v in args.batch.split(",")):
                 for impl in args.impls.split(","):
                     row = {"config": config, "proj": proj, "N": n, "K": k, "M": m, "impl": impl}
-                    if impl == "w4a16":
-                        if k % args.group:
-                            continue  # the backend runs such a layer as W8A16
-                        if m <= Q._GEMV_MAX_M:
-                            row["w4_config"] = dict(zip(("BLOCK_N", "VEC", "BLOCK_W", "BATCH", "num_warps"),
-                                                        Q._w4_gemv_config(n, k, sms)))
+                    if impl == "w4a16" and k % args.group:
+                        continue  # the backend runs such a layer as W8A16
+                    bits = WORD_GEMV_BITS.get(impl)
+                    x = torch.empty(m, k, dtype=torch.float16, device="meta")
+                    if bits and Q._words_gemv_applies(x, k, bits, a8=impl == "w8a8"):
+                        row["words_config"] = dict(zip(("BLOCK_N", "VEC", "BLOCK_W", "BATCH", "num_warps"),
+                                                       Q._words_gemv_config(n, k * bits // 32, bits, sms)))
                     log.info("%s %s [%d x %d] M=%d %s", config, proj, n, k, m, impl)
                     try:
                         row.update(bench(n, k, m, impl, args, l2_bytes))

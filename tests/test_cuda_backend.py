@@ -295,6 +295,10 @@ GEMV_SHAPES = [(1, 1536, 768), (1, 80, 1536), (3, 700, 384), (16, 64, 128), (37,
 # Small enough for the interpreter: GEMV programs with a partial row block (N = 5, 7; K = 2176 also
 # leaves a partial K tile) and with 4 rows (N = 1100), and the GEMM path (M = 17).
 INTERPRETER_SHAPES = [(2, 5, 2176), (3, 7, 256), (1, 1100, 128), (17, 24, 256)]
+# Decode shapes whose K the word-streaming kernel does not take (Q._words_gemv_applies), so that the modes
+# but W4A16 run the row-streaming kernel: W8 at K = 200 (float16 still word-streaming), all at K = 100.
+ROW_STREAMING_SHAPES = [(2, 40, 200), (3, 9, 100)]
+ROW_STREAMING_MODES = [mode for mode in GEMV_MODES if mode != "w4a16"]
 GEMV_BOUND = 1e-3  # float16 output rounding; the sums themselves are float32 / exact int32
 
 
@@ -383,10 +387,30 @@ def _conv_gemv_bound(case: tuple) -> float:
 
 @needs_gpu
 @needs_triton
-@pytest.mark.parametrize("mode", GEMV_MODES)
-@pytest.mark.parametrize("shape", GEMV_SHAPES)
+@pytest.mark.parametrize(("mode", "shape"), [(m, s) for m in GEMV_MODES for s in GEMV_SHAPES]
+                         + [(m, s) for m in ROW_STREAMING_MODES for s in ROW_STREAMING_SHAPES])
 def test_triton_gemv_vs_float64(mode: str, shape: tuple[int, int, int]) -> None:
+    """Every GEMV mode at GEMV_SHAPES, and the modes that have one at ROW_STREAMING_SHAPES (the
+    row-streaming kernel)."""
     assert _gemv_rel_err(mode, shape, "cuda") < GEMV_BOUND
+
+
+def test_words_gemv_applies() -> None:
+    """Decode-sized M, 16-bit activations and rows of a multiple of 4 int32 words take the word-streaming
+    kernel; the row-streaming one (or the GEMMs) the rest."""
+    x = torch.zeros(4, 200, dtype=torch.float16)
+    assert Q._words_gemv_applies(x, 200, 16) and not Q._words_gemv_applies(x, 200, 8)
+    assert Q._words_gemv_applies(x[:, :192], 192, 8) and Q._words_gemv_applies(x[:, :96].bfloat16(), 96, 4)
+    assert not Q._words_gemv_applies(x[:, :100], 100, 16)
+    assert not Q._words_gemv_applies(torch.zeros(5, 256, dtype=torch.float16), 256, 16)
+    assert not Q._words_gemv_applies(torch.zeros(1, 256), 256, 16)
+    xq = torch.zeros(1, 256, dtype=torch.int8)  # W8A8's int8 input
+    assert Q._words_gemv_applies(xq, 256, 8, a8=True) and not Q._words_gemv_applies(xq, 256, 8)
+    k_max = Q._WORDS_W8_MAX_K  # longer W8 rows: the row-streaming kernel, faster there
+    for a8 in (False, True):
+        assert Q._words_gemv_applies(torch.zeros(1, k_max, dtype=torch.float16), k_max, 8, a8=a8)
+        assert not Q._words_gemv_applies(torch.zeros(1, k_max + 16, dtype=torch.float16), k_max + 16, 8, a8=a8)
+    assert Q._words_gemv_applies(torch.zeros(1, 4096, dtype=torch.float16), 4096, 16)
 
 
 @needs_gpu
@@ -395,11 +419,11 @@ def test_triton_gemv_vs_float64(mode: str, shape: tuple[int, int, int]) -> None:
 @pytest.mark.parametrize("mode", GEMV_MODES)
 @pytest.mark.parametrize("case", CONV_GEMV_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_gemv_conv_update_vs_float64(mode: str, case: tuple, few_programs: bool, monkeypatch) -> None:
-    """few_programs: the most rows per program (32 in the W8/float kernel, 8 in the W4 one, whose last
-    program then overlaps its neighbour's rows, which it must leave alone)."""
+    """few_programs: the most rows per program (8 in the word-streaming kernel, whose last program then
+    overlaps its neighbour's rows, which it must leave alone)."""
     if few_programs:
         monkeypatch.setattr(Q, "_GEMV_PROGRAMS_PER_SM", 0)
-        monkeypatch.setattr(Q, "_W4_GEMV_WARPS_PER_SM", 0)
+        monkeypatch.setattr(Q, "_WORDS_GEMV_TUNING", most_rows_per_program(Q._WORDS_GEMV_TUNING))
     errs = _conv_gemv_errs(mode, case, "cuda")
     assert max(errs.values()) < _conv_gemv_bound(case), errs
 
@@ -437,29 +461,47 @@ def test_gemv_block_n() -> None:
     assert [Q._block_n(n, 32, Q._W8_GEMV_MIN_BLOCK_N, Q._GEMV_PROGRAMS_PER_SM * 16) for n in ns] == [1, 2, 32, 32, 32]
 
 
-# (N, K) -> (BLOCK_N, VEC, BLOCK_W, BATCH, num_warps) of the W4 GEMV for the Mamba-1 1.4B and 130M layers
-W4_CONFIGS = {
-    (8192, 2048): (8, 4, 256, 1, 2), (50280, 2048): (8, 4, 256, 1, 2), (2048, 4096): (4, 4, 512, 1, 4),
-    (160, 4096): (1, 4, 512, 1, 4), (4096, 128): (2, 1, 16, 1, 1),
-    (3072, 768): (2, 1, 32, 3, 1), (50280, 768): (8, 1, 32, 3, 1), (768, 1536): (1, 2, 64, 3, 1),
+def most_rows_per_program(tuning: dict) -> dict:
+    """_WORDS_GEMV_TUNING with every weight width at its most rows per program (no grid-size target), so that
+    programs own several rows and the last one overlaps its neighbour's."""
+    return {bits: t._replace(warps_per_sm=0, programs_per_sm=0) for bits, t in tuning.items()}
+
+
+# (bits, N, K) -> (BLOCK_N, VEC, BLOCK_W, BATCH, num_warps) of the word-streaming GEMV for the Mamba-1 1.4B
+# and 130M layers it runs, as tuned (triton_gemv._WORDS_GEMV_TUNING; W4 in whole-model decode, W8 and 16 bits per
+# layer; W8 at K = 4096 runs the row-streaming kernel)
+WORDS_CONFIGS = {
+    (4, 8192, 2048): (8, 4, 256, 1, 2), (4, 50280, 2048): (8, 4, 256, 1, 2), (4, 2048, 4096): (4, 4, 512, 1, 4),
+    (4, 160, 4096): (1, 4, 512, 1, 4), (4, 4096, 128): (2, 1, 16, 1, 1),
+    (4, 3072, 768): (2, 1, 32, 3, 1), (4, 50280, 768): (8, 1, 32, 3, 1), (4, 768, 1536): (1, 2, 64, 3, 1),
+    (8, 8192, 2048): (8, 4, 256, 1, 2), (8, 4096, 128): (4, 1, 32, 1, 1), (8, 3072, 768): (4, 2, 64, 3, 1), (8, 768, 1536): (1, 4, 128, 3, 1),
+    (8, 1536, 48): (2, 1, 16, 1, 1),
+    (16, 8192, 2048): (4, 4, 512, 2, 4), (16, 2048, 4096): (4, 4, 512, 2, 4), (16, 160, 4096): (1, 4, 512, 4, 4),
+    (16, 4096, 128): (4, 2, 64, 1, 1), (16, 3072, 768): (4, 4, 128, 2, 1), (16, 768, 1536): (2, 4, 256, 3, 2),
+    (16, 1536, 48): (4, 1, 32, 1, 1),
 }
 
 
+@pytest.mark.parametrize("bits", [4, 8, 16])
 @pytest.mark.parametrize("n", [1, 3, 5, 80, 160, 768, 2048, 8192, 50280])
-@pytest.mark.parametrize("k", [32, 128, 640, 768, 1536, 2048, 2176, 2560, 4096, 8192, 65536 + 32])
-def test_w4_gemv_config(n: int, k: int) -> None:
-    """The W4 GEMV tiling: whole powers of two of rows per program (within N, as the last program is
-    moved back to end at row N), K steps that cover the row with at most a third masked, a step that
-    fills its warps (or is below one warp), and at most _W4_GEMV_MAX_WORDS words per thread per wait."""
-    bn, vec, bw, batch, warps = cfg = Q._w4_gemv_config(n, k)
-    kw = k // 8
-    assert cfg == W4_CONFIGS.get((n, k), cfg)
+@pytest.mark.parametrize("k", [32, 48, 128, 640, 768, 1536, 2048, 2176, 2560, 4096, 8192, 65536 + 32])
+def test_words_gemv_config(bits: int, n: int, k: int) -> None:
+    """The word-streaming GEMV tiling: whole powers of two of rows per program (within N, as the last
+    program is moved back to end at row N), K steps that cover the row with at most a third masked (a row
+    shorter than a warp's 32 words: one step), a step that fills its warps (or is below one warp), and at
+    most _WORDS_GEMV_MAX_WORDS words per thread per wait; the tuned layers as WORDS_CONFIGS."""
+    if k % (128 // bits):
+        pytest.skip(f"{bits}-bit rows of K={k} are not whole 16-byte vectors (_words_gemv_applies)")
+    kw = k * bits // 32
+    bn, vec, bw, batch, warps = cfg = Q._words_gemv_config(n, kw, bits)
+    assert cfg == WORDS_CONFIGS.get((bits, n, k), cfg)
     assert bn in (1, 2, 4, 8) and bn <= n
-    assert vec in (1, 2, 4) and 8 * vec <= 32 and warps in (1, 2, 4)  # a thread's VEC words lie in one group
+    assert vec in (1, 2, 4) and warps in (1, 2, 4) and kw % vec == 0
     assert bw == 32 * warps * vec or (bw < 32 and warps == vec == 1)
     steps = -(-kw // bw)
     assert 3 * steps * bw <= 4 * kw or bw == 32
-    assert 1 <= batch <= steps and (batch == 1 or batch * bn * vec <= Q._W4_GEMV_MAX_WORDS)
+    assert steps == 1 or kw >= 32
+    assert 1 <= batch <= steps and (batch == 1 or batch * bn * vec <= Q._WORDS_GEMV_MAX_WORDS)
 
 
 def _interpreter_runs_scalar_loops() -> bool:
@@ -518,11 +560,13 @@ def test_triton_gemv_in_interpreter() -> None:
     """Every GEMV/GEMM kernel on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1, which takes
     effect when the kernels are defined, hence a fresh process) vs float64."""
     errs = _in_interpreter(
-        "import json, torch; from tests.test_cuda_backend import _gemv_rel_err, GEMV_MODES, INTERPRETER_SHAPES;"
+        "import json, torch; from tests.test_cuda_backend import _gemv_rel_err, GEMV_MODES, INTERPRETER_SHAPES,"
+        " ROW_STREAMING_SHAPES, ROW_STREAMING_MODES;"
         "torch.manual_seed(0);"
         "print(json.dumps([[mode, s, _gemv_rel_err(mode, s, 'cpu')] for mode in GEMV_MODES"
-        " for s in INTERPRETER_SHAPES]))", timeout_s=600)
-    assert len(errs) == len(GEMV_MODES) * len(INTERPRETER_SHAPES)
+        " for s in INTERPRETER_SHAPES] + [[mode, s, _gemv_rel_err(mode, s, 'cpu')] for mode in ROW_STREAMING_MODES"
+        " for s in ROW_STREAMING_SHAPES]))", timeout_s=600)
+    assert len(errs) == len(GEMV_MODES) * len(INTERPRETER_SHAPES) + len(ROW_STREAMING_MODES) * len(ROW_STREAMING_SHAPES)
     assert all(err < GEMV_BOUND for _, _, err in errs), errs
 
 
@@ -533,7 +577,8 @@ def test_gemv_conv_update_in_interpreter() -> None:
     with up to 8 rows per W4 program (the last one overlapping its neighbour)."""
     errs = _in_interpreter(
         "import json, torch; from tests.test_cuda_backend import _conv_gemv_errs, GEMV_MODES, Q,"
-        " CONV_GEMV_INTERPRETER_CASES as C; torch.manual_seed(0); Q._W4_GEMV_WARPS_PER_SM = 0;"
+        " CONV_GEMV_INTERPRETER_CASES as C, most_rows_per_program as most; torch.manual_seed(0);"
+        " Q._WORDS_GEMV_TUNING = most(Q._WORDS_GEMV_TUNING);"
         "print(json.dumps([[m, c, _conv_gemv_errs(m, c, 'cpu')] for m in GEMV_MODES for c in C]))", timeout_s=600)
     assert len(errs) == len(GEMV_MODES) * len(CONV_GEMV_INTERPRETER_CASES)
     assert all(max(e.values()) < _conv_gemv_bound(c) for _, c, e in errs), errs
@@ -600,8 +645,8 @@ def test_w4_gemv_vs_float64(case: tuple) -> None:
 def test_w4_gemv_in_interpreter() -> None:
     """The W4 GEMV over W4_CASES in Triton's interpreter vs float64, with up to 8 rows per program."""
     errs = _in_interpreter(
-        "import json, torch; from tests.test_cuda_backend import _w4_rel_err, W4_CASES, Q;"
-        "Q._W4_GEMV_WARPS_PER_SM = 0;"
+        "import json, torch; from tests.test_cuda_backend import _w4_rel_err, W4_CASES, Q, most_rows_per_program;"
+        "Q._WORDS_GEMV_TUNING = most_rows_per_program(Q._WORDS_GEMV_TUNING);"
         "print(json.dumps([[c, _w4_rel_err(c, 'cpu')] for c in W4_CASES]))", timeout_s=900)
     assert len(errs) == len(W4_CASES)
     assert all(err < W4_BOUND[case[4]] for case, err in errs), errs

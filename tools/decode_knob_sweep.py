@@ -1,14 +1,15 @@
 """Whole-model decode time under different settings of the GEMV kernels' tuning knobs (one GPU).
 
-The knobs are module constants of edgessm.ops.triton_gemv (``_W4_GEMV_MAX_BLOCK_N``, ``_W4_GEMV_WARPS_PER_SM``,
-``_GEMV_TILE``, ...), read each time a kernel is launched. A GEMV's best setting depends on what runs
+The knobs are int module constants of edgessm.ops.triton_gemv (``_GEMV_TILE``, ``_GEMV_PROGRAMS_PER_SM``, ...)
+and the word-streaming GEMV's limits per weight width, named ``W<bits>.<field>`` for the fields of
+``_WORDS_GEMV_TUNING[bits]`` (e.g. ``W4.warps_per_sm``, ``W8.max_block_n``), read each time a kernel is launched. A GEMV's best setting depends on what runs
 around it (with programmatic dependent launch a kernel's weight loads overlap its predecessor), so the
 knobs are tuned here on the decode step they serve: for each config and weights mode, one varied
 setting at a time (the others at their defaults, and once all at their defaults), the backend is built
 anew, its decode step captured as a CUDA graph and timed as in benchmarks/gpu_decode.py.
 
     python tools/decode_knob_sweep.py --configs mamba1-1.4b --modes w4a16 \
-        --knob _W4_GEMV_MAX_BLOCK_N=4,2 --knob _W4_GEMV_WARPS_PER_SM=6,12 --pdl on,off --json $OUT/sweep.json
+        --knob W4.max_block_n=4,2 --knob W4.warps_per_sm=6,12 --pdl on,off --json $OUT/sweep.json
 
 Prints a table (ms/token and the ratio to the defaults' time in the same run) and writes JSON atomically.
 """
@@ -35,12 +36,32 @@ from gpu_decode import CONFIGS, MODES, PROMPT_LEN, bench_cuda_graph, copy_bandwi
 log = logging.getLogger("decode_knob_sweep")
 
 
+def get_knob(name: str) -> int | None:
+    """The value of knob ``name`` (see the module docstring), None if there is no such knob."""
+    bits, _, field = name.partition(".")
+    if field:
+        tuning = gemv._WORDS_GEMV_TUNING.get(int(bits[1:])) if bits[:1] == "W" and bits[1:].isdigit() else None
+        return getattr(tuning, field, None) if field in gemv.WordsGemvTuning._fields else None
+    value = getattr(gemv, name, None)
+    return value if isinstance(value, int) else None
+
+
+def set_knob(name: str, value: int) -> None:
+    bits, _, field = name.partition(".")
+    if field:
+        b = int(bits[1:])
+        gemv._WORDS_GEMV_TUNING = {**gemv._WORDS_GEMV_TUNING, b: gemv._WORDS_GEMV_TUNING[b]._replace(**{field: value})}
+    else:
+        setattr(gemv, name, value)
+
+
 def parse_knob(text: str) -> tuple[str, list[int]]:
-    """'NAME=v1,v2' → (NAME, [v1, v2]); NAME must be an int constant of edgessm.ops.triton_gemv."""
+    """'NAME=v1,v2' → (NAME, [v1, v2]); NAME a knob of the module docstring."""
     name, _, values = text.partition("=")
-    if not isinstance(getattr(gemv, name, None), int) or not values:
+    if get_knob(name) is None or not values:
         raise argparse.ArgumentTypeError(f"--knob {text!r}: expected NAME=v1,v2,... with NAME an int constant of "
-                                         f"edgessm.ops.triton_gemv (e.g. _W4_GEMV_MAX_BLOCK_N=4,2)")
+                                         f"edgessm.ops.triton_gemv or W<bits>.<field> of its _WORDS_GEMV_TUNING "
+                                         f"(fields {', '.join(gemv.WordsGemvTuning._fields)}; e.g. W8.max_block_n=4,2)")
     try:
         return name, [int(v) for v in values.split(",")]
     except ValueError:
@@ -49,13 +70,13 @@ def parse_knob(text: str) -> tuple[str, list[int]]:
 
 def settings(knobs: list[tuple[str, list[int]]]) -> list[dict[str, int]]:
     """The defaults ({}), then each knob value on its own."""
-    return [{}] + [{name: v} for name, values in knobs for v in values if v != getattr(gemv, name)]
+    return [{}] + [{name: v} for name, values in knobs for v in values if v != get_knob(name)]
 
 
 def run(configs: list[str], modes: list[str], knobs: list[tuple[str, list[int]]], pdl: list[bool], steps: int,
         warmup: int) -> list[dict]:
     bw = copy_bandwidth()
-    defaults = {name: getattr(gemv, name) for name, _ in knobs}
+    defaults = {name: get_knob(name) for name, _ in knobs}
     rows: list[dict] = []
     for name in configs:
         cfg = CONFIGS[name]
@@ -68,7 +89,7 @@ def run(configs: list[str], modes: list[str], knobs: list[tuple[str, list[int]]]
                 base = None
                 for setting in settings(knobs):
                     for k, v in {**defaults, **setting}.items():
-                        setattr(gemv, k, v)
+                        set_knob(k, v)
                     label = ", ".join(f"{k}={v}" for k, v in setting.items()) or "defaults"
                     log.info("%s %s pdl=%s: %s", name, mode, on, label)
                     (row,) = bench_cuda_graph(model, mode, prompt, steps, warmup, bw)
@@ -78,7 +99,7 @@ def run(configs: list[str], modes: list[str], knobs: list[tuple[str, list[int]]]
                                  "vs_defaults": row["ms_per_token"] / base, "floor_ms": row["floor_ms"]})
                     release_cuda_memory()
         for k, v in defaults.items():
-            setattr(gemv, k, v)
+            set_knob(k, v)
         del model
         release_cuda_memory()
     return rows

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgessm.ops import triton_gemv as Q  # noqa: E402
 
-OPS = ("w4a16", "w8a16", "float")
+OPS = ("w4a16", "w8a16", "w8a8", "float")
 
 
 class Recorder:
@@ -50,30 +50,48 @@ class Recorder:
         return lambda *args, **kwargs: self.calls.append((grid, args, kwargs))
 
 
-def record_launch(op: str, n: int, k: int, m: int, group: int, sms: int) -> tuple[object, tuple, tuple, dict]:
-    """(jit function, grid, args, kwargs) of the launch that the op's launcher makes for x [m, k], w [n, k]."""
+# the decode GEMV kernels a launcher may launch (which one depends on the op, K and M)
+GEMV_KERNELS = ("_words_gemv_kernel", "_rows_gemv_kernel")
+
+
+def record_launch(op: str, n: int, k: int, m: int, group: int, sms: int,
+                  conv_width: int = 0) -> tuple[object, tuple, tuple, dict]:
+    """(jit function, grid, args, kwargs) of the launch that the op's launcher makes for x [m, k], w [n, k];
+    with conv_width, the conv update fused on the first half of the outputs (as decode's in_proj)."""
     x = torch.randn(m, k, dtype=torch.float16)
     w = torch.randn(n, k, dtype=torch.float16) / k**0.5
+    conv = None
+    if conv_width:
+        c = n // 2
+        conv = Q.ConvUpdate(torch.zeros(m, c, conv_width - 1, dtype=torch.float16), torch.zeros(c, conv_width),
+                            torch.zeros(c), 0)
     if op == "w4a16":
-        name, weights, call = "_w4_gemv_kernel", Q.quantize_w4(w, group), Q.gemv_w4a16
+        weights, call = Q.quantize_w4(w, group), Q.gemv_w4a16
     elif op == "w8a16":
-        name, weights, call = "_rows_gemv_kernel", Q.quantize_w8(w), Q.gemv_w8a16
+        weights, call = Q.quantize_w8(w), Q.gemv_w8a16
+    elif op == "w8a8":
+        q, scale = Q.quantize_w8(w)
+        weights, call = (q, scale), lambda x_, q_, s_, conv: Q.gemv_w8a8(x_, float(x_.abs().max()) / 127, q_, s_,
+                                                                          conv=conv)
     else:
-        name, weights, call = "_rows_gemv_kernel", (w,), Q.gemv_float
-    recorder = Recorder(getattr(Q, name))
-    saved = (getattr(Q, name), Q._NOMINAL_SMS, Q._pdl)
+        weights, call = (w,), Q.gemv_float
+    recorders = {name: Recorder(getattr(Q, name)) for name in GEMV_KERNELS}
+    saved = (Q._NOMINAL_SMS, Q._pdl)
     try:
-        setattr(Q, name, recorder)
+        for name, recorder in recorders.items():
+            setattr(Q, name, recorder)
         Q._NOMINAL_SMS = sms  # the launchers size CPU-tensor grids for this many SMs
         Q._pdl = lambda t: {"PDL": True, "launch_pdl": True}  # as on sm_90 (unused on sm_87: see main)
-        call(x, *weights)
+        call(x, *weights, conv=conv)
     finally:
-        setattr(Q, name, saved[0])
-        Q._NOMINAL_SMS, Q._pdl = saved[1], saved[2]
-    if len(recorder.calls) != 1:
-        raise SystemExit(f"triton_offline: the {op} launcher made {len(recorder.calls)} launches of {name}, expected 1 "
-                         f"(M={m} must be at most {Q._GEMV_MAX_M} for the GEMV kernel)")
-    return (recorder.fn, *recorder.calls[0])
+        for name, recorder in recorders.items():
+            setattr(Q, name, recorder.fn)
+        Q._NOMINAL_SMS, Q._pdl = saved
+    calls = [(r.fn, *c) for r in recorders.values() for c in r.calls]
+    if len(calls) != 1:
+        raise SystemExit(f"triton_offline: the {op} launcher made {len(calls)} launches of {', '.join(GEMV_KERNELS)}, "
+                         f"expected 1 (M={m} must be at most {Q._GEMV_MAX_M} for a GEMV kernel)")
+    return calls[0]
 
 
 def compile_launch(fn, args: tuple, kwargs: dict, arch: int):
@@ -186,6 +204,8 @@ def main() -> int:
     ap.add_argument("--group", type=int, default=128, help="W4 quantization group")
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10: 90 H100, 87 Jetson Orin")
     ap.add_argument("--sms", type=int, default=132, help="SMs the launcher sizes the grid for (Orin: 16)")
+    ap.add_argument("--conv", type=int, default=0, metavar="WIDTH",
+                    help="fuse the conv update of this width on the first N/2 outputs (decode's in_proj; 0: none)")
     ap.add_argument("--ptx", type=Path, help="also write the PTX here")
     ap.add_argument("--ttgir", type=Path, help="also write the TritonGPU IR here (the layouts of every tensor)")
     args = ap.parse_args()
@@ -193,7 +213,7 @@ def main() -> int:
         import triton  # noqa: F401
     except ImportError:
         raise SystemExit("triton_offline: needs Triton (pip install triton==3.6.0)") from None
-    fn, grid, call_args, kwargs = record_launch(args.op, args.n, args.k, args.m, args.group, args.sms)
+    fn, grid, call_args, kwargs = record_launch(args.op, args.n, args.k, args.m, args.group, args.sms, args.conv)
     kernel, constexprs = compile_launch(fn, call_args, dict(kwargs), args.arch)
     ptx = kernel.asm["ptx"]
     if args.ptx:

@@ -10,16 +10,20 @@ Quantized weight formats (all symmetric, no zero point; ``W`` is the float weigh
   Two values share a byte of ``packed`` int8 [N, K / 2]: the **low nibble holds the even input
   index** ``k = 2j`` and the high nibble ``k = 2j + 1``, each as 4-bit two's complement.
 - **A8** (``gemv_w8a8``): activations quantized per tensor, ``xq = clamp(round_half_even(x * (1 /
-  x_scale)), -128, 127)`` (in float32, or passed in already as int8), int8 x int8 products summed in
-  int32, then ``y = acc * x_scale * scale[n]``.
+  x_scale)), -128, 127)`` (in float32, or passed in already as int8), int8 x int8 products summed
+  exactly (int32, or float32 partial sums kept below 2**24), then ``y = acc * scale[n] * x_scale``.
 
 Decode (M = batch <= 4) runs the GEMV kernels: each program owns a few output rows of one row of x
-and streams them over K in wide tiles, multiplying element-wise and reducing once at the end; the
-step is bound by reading the weights once. The GEMV kernels can end in the decode step's causal
-conv1d update (``ConvUpdate``): in_proj's x (Mamba-1) or xBC (Mamba-2) columns leave the kernel
-convolved, with the conv state shifted, which saves the decode step one launch per layer. The W8 one also serves unquantized float16/bfloat16
-weights (``gemv_float``, the CUDA backend's ``weights="float"``). The W4 one reads the packed weights as int32 words (8
-nibbles, low nibble first) and is compiled for each K, its K steps unrolled. Larger M runs the GEMM kernels, which tile M (tokens) by
+and streams them over K, multiplying element-wise and reducing once at the end; the step is bound by
+reading the weights once. The word-streaming kernel (``_words_gemv_kernel``) serves W4A16, W8A16, W8A8
+and unquantized float16/bfloat16 weights (``gemv_float``, the CUDA backend's ``weights="float"``): it
+reads weights and activations as int32 words in 16-byte vectors, one element per thread in every tensor
+(no layout conversions through shared memory), and is compiled for each K, its K steps unrolled; it
+takes rows of a multiple of 4 words (every W4 K, W8 K % 16, 16-bit K % 8). The row-streaming kernel
+(``_rows_gemv_kernel``) serves the other K, in wide 2-D tiles. Both can end in the decode
+step's causal conv1d update (``ConvUpdate``): in_proj's x (Mamba-1) or xBC (Mamba-2) columns leave the
+kernel convolved, with the conv state shifted, which saves the decode step one launch per layer.
+Larger M runs the GEMM kernels, which tile M (tokens) by
 16 or 64 and N (outputs) by 16..64 on tensor cores and stream K. Every GEMV/GEMM kernel has a
 float64 reference (``reference_*``) used by the tests. Activations of the A16 kernels are float16
 or bfloat16; outputs are in the activation dtype (float16 for W8A8 with int8 input).
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -387,10 +392,12 @@ if triton is not None:
         CONV_W: tl.constexpr, CONV_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         PDL: tl.constexpr,
     ):
-        # Decode (few rows of x): program (i, m) owns BLOCK_N output rows of activation row m and
-        # streams them over K in wide tiles; products accumulate element-wise in a 2D register tile and
-        # are reduced across K once at the end (no tensor-core tile padded to 16 rows of x). Weights
-        # are W8 (int8 with a scale per output row) or, with W16, 16-bit floats used as they are.
+        # Decode (few rows of x) where the word-streaming kernel does not apply (W8 or 16-bit weights at a
+        # K it does not take): program (i, m) owns BLOCK_N output rows of activation row m
+        # and streams them over K in wide tiles; products accumulate element-wise in a 2D register tile
+        # and are reduced across K once at the end (no tensor-core tile padded to 16 rows of x). Weights
+        # are W8 (int8 with a scale per output row) or, with W16, 16-bit floats used as they are. (Triton
+        # loads the x slice in a layout of its own and converts it to the tile's through shared memory.)
         #
         # With PDL the first K step's weights are loaded before _pdl_wait, i.e. while the kernel that
         # writes x may still run (the step is peeled off the loop for that).
@@ -415,20 +422,18 @@ if triton is not None:
         tl.store(y_ptr + m * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=mask_n)
 
     @triton.jit
-    def _w4_nibble(u, I: tl.constexpr, fmagic):
-        # Nibble I (bits 4I..4I+3, input k = 8w + I) of the offset-binary words u (each nibble + 8, in
-        # [0, 15]) as its signed float32 value. One LOP3 puts the nibble into the mantissa of the float
-        # 2**(23 - 4I), whose mantissa bit 4I weighs 1, so the float is exactly 2**(23 - 4I) + nibble;
-        # one FADD removes 2**(23 - 4I) + 8. Nibbles 5..7 would overlap the exponent, so they are taken
-        # from u >> 12 (one shift per word) at positions 2..4.
-        J: tl.constexpr = I if I < 5 else I - 3
-        v = u if I < 5 else u >> 12
-        f = ((v & (0xF << (4 * J))) | (fmagic - ((4 * J) << 23))).to(tl.float32, bitcast=True)
-        return f - (2.0 ** (23 - 4 * J) + 8.0)
-
-    @triton.jit
-    def _and(a, b):
-        return a & b
+    def _word_field(u, I: tl.constexpr, BITS: tl.constexpr, fmagic):
+        """Field I (bits BITS*I.., input k = (32 / BITS) w + I) of the offset-binary words u (each 4-bit
+        field + 8, each 8-bit one + 128) as its signed float32 value. One LOP3 puts the field into the
+        mantissa of the float 2**(23 - BITS J), whose mantissa bit BITS J weighs 1, so the float is exactly
+        2**(23 - BITS J) + field; one FADD removes 2**(23 - BITS J) + the offset. Fields that would reach
+        the exponent (bit 23: nibbles 5..7, bytes 2..3) are taken from one shift of the word instead,
+        at the lowest positions J."""
+        FIT: tl.constexpr = 23 // BITS  # fields entirely below bit 23
+        J: tl.constexpr = I if I < FIT else I - (32 // BITS - FIT)
+        v = u if I < FIT else u >> (BITS * (32 // BITS - FIT))
+        f = ((v & (((1 << BITS) - 1) << (BITS * J))) | (fmagic - ((BITS * J) << 23))).to(tl.float32, bitcast=True)
+        return f - (2.0 ** (23 - BITS * J) + 2.0 ** (BITS - 1))
 
     @triton.jit
     def _x_halves(xw, F16: tl.constexpr):
@@ -442,7 +447,7 @@ if triton is not None:
         return lo, hi
 
     @triton.jit
-    def _w4_rows_sum(accs, R: tl.constexpr):
+    def _joined_rows_sum(accs, R: tl.constexpr):
         """R (1, 2, 4 or 8) per-row partial sums [C] -> their sums [R] in one reduction: the rows are
         joined into an in-thread last axis first (one shuffle tree and one cross-warp exchange for all
         rows instead of R)."""
@@ -486,22 +491,139 @@ if triton is not None:
             return tl.inline_asm_elementwise("ld.global.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", [ptr],
                                              dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=False, pack=1)
 
+    @triton.jit
+    def _weight_values(u, BITS: tl.constexpr, F16: tl.constexpr, fmagic):
+        """The 32 / BITS weights of the int32 words u [CH] as float32 tensors, input order: 4- and 8-bit
+        fields (signed, two's complement) through _word_field, 16-bit floats (x's dtype) as they are."""
+        if BITS == 16:
+            lo, hi = _x_halves(u, F16)
+            return lo, hi
+        else:
+            offset_binary = _offset_binary(u, BITS)
+            vals = ()
+            for i in tl.static_range(32 // BITS):
+                vals = vals + (_word_field(offset_binary, i, BITS, fmagic),)
+            return vals
+
+    @triton.jit
+    def _offset_binary(u, BITS: tl.constexpr):
+        """The two's complement 4- or 8-bit fields of the int32 words u as offset binary (_word_field's input)."""
+        if BITS == 4:
+            return u ^ -0x77777778  # ^ 0x88888888: each nibble + 8, in [0, 15]
+        else:
+            return u ^ -0x7F7F7F80  # ^ 0x80808080: each byte + 128, in [0, 255]
+
+    @triton.jit
+    def _a8_value(x, inv_scale):
+        """_a8_input's quantization of the float32 x, as a float32 integer in [-128, 127]."""
+        v = tl.minimum(tl.maximum(x * inv_scale, -128.0), 127.0)
+        return (v + 12582912.0) - 12582912.0  # rounded half to even (see _a8_input)
+
+    @triton.jit
+    def _chain_value(acc, A8: tl.constexpr):
+        """A float32 FFMA chain as it is summed: with A8 an exact integer, summed in int32."""
+        if A8:
+            return acc.to(tl.int32)
+        else:
+            return acc
+
+    @triton.jit
+    def _activations(xws, first: tl.constexpr, count: tl.constexpr, magic, x_inv_scale, F16: tl.constexpr,
+                     A8: tl.constexpr, X_INT8: tl.constexpr):
+        """The activations in the ``count`` words xws[first:first + count] as float32, in input order: 16-bit
+        floats two per word, or with A8 their int8 quantization (_a8_input's arithmetic, as exact float32
+        integers), or int8 four per word when x is int8 already."""
+        xs = ()
+        for j in tl.static_range(first, first + count):
+            if X_INT8:
+                xs = xs + _weight_values(xws[j], 8, F16, magic)
+            else:
+                lo, hi = _x_halves(xws[j], F16)
+                if A8:
+                    xs = xs + (_a8_value(lo, x_inv_scale), _a8_value(hi, x_inv_scale))
+                else:
+                    xs = xs + (lo, hi)
+        return xs
+
+    @triton.jit
+    def _w4_group_step(accs, ws, ss, xws, i: tl.constexpr, magic, F16: tl.constexpr, BLOCK_N: tl.constexpr,
+                       VEC: tl.constexpr):
+        """accs [r] + row r's products of batched K step i (words ws, scales ss, activation pairs xws as
+        _words_gemv_kernel loads them): each word's 8 products summed, the VEC words' sums added, times
+        their group's scale once."""
+        parts = ()  # [v * BLOCK_N + r]: row r's sum over word v's 8 weights
+        for v in tl.static_range(VEC):
+            xs = _activations(xws, (i * VEC + v) * 4, 4, magic, 1.0, F16, False, False)
+            us = ()
+            for r in tl.static_range(BLOCK_N):
+                us = us + (_offset_binary(ws[(i * BLOCK_N + r) * VEC + v], 4),)
+            # field-major, so that the rows' independent FFMA chains interleave; each nibble is unpacked
+            # where it is used (unpacking all first reorders the PTX: in the decode in_proj kernel with
+            # the conv update ptxas then gave 80 registers instead of 96, and Mamba-1 1.4B W4A16 decode
+            # measured 4.7% slower on an H100)
+            row_parts = ()
+            for r in tl.static_range(BLOCK_N):
+                row_parts = row_parts + (_word_field(us[r], 0, 4, magic) * xs[0],)
+            for e in tl.static_range(1, 8):
+                nxt = ()
+                for r in tl.static_range(BLOCK_N):
+                    nxt = nxt + (row_parts[r] + _word_field(us[r], e, 4, magic) * xs[e],)
+                row_parts = nxt
+            parts = parts + row_parts
+        nxt = ()
+        for r in tl.static_range(BLOCK_N):
+            row_sum = parts[r]
+            for v in tl.static_range(1, VEC):
+                row_sum += parts[v * BLOCK_N + r]
+            nxt = nxt + (accs[r] + row_sum * ss[i * BLOCK_N + r],)
+        return nxt
+
+    @triton.jit
+    def _fma_chains_step(accs, ws, xws, i: tl.constexpr, magic, x_inv_scale, BITS: tl.constexpr, F16: tl.constexpr,
+                         A8: tl.constexpr, X_INT8: tl.constexpr, BLOCK_N: tl.constexpr, VEC: tl.constexpr):
+        """accs [r * VEC + v] + the products of batched K step i for unscaled weights (W8: the row scale
+        comes after the sum; 16-bit floats): one FFMA per weight into the chain of its row and word
+        position, so BLOCK_N * VEC independent chains and no partial sums. With A8 every product and
+        chain is an integer below 2**24 (see _words_gemv_kernel), so exact."""
+        E: tl.constexpr = 32 // BITS
+        PX: tl.constexpr = E // 4 if X_INT8 else E // 2  # activation words per weight word
+        xs = _activations(xws, i * VEC * PX, VEC * PX, magic, x_inv_scale, F16, A8, X_INT8)  # [v * E + e]
+        wvals = ()  # [(r * VEC + v) * E + e]
+        for r in tl.static_range(BLOCK_N):
+            for v in tl.static_range(VEC):
+                wvals = wvals + _weight_values(ws[(i * BLOCK_N + r) * VEC + v], BITS, F16, magic)
+        for e in tl.static_range(E):  # field-major, so that the chains interleave
+            nxt = ()
+            for c in tl.static_range(BLOCK_N * VEC):
+                nxt = nxt + (accs[c] + wvals[c * E + e] * xs[(c % VEC) * E + e],)
+            accs = nxt
+        return accs
+
     @triton.jit(do_not_specialize=["fmagic"])
-    def _w4_gemv_kernel(
-        x_ptr, p_ptr, s_ptr, b_ptr, y_ptr, N, stride_xm, stride_ym, fmagic, cs_ptr, cw_ptr, cb_ptr, conv_start, conv_c,
-        K: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, CONV_W: tl.constexpr, CONV_BIAS: tl.constexpr,
-        BLOCK_N: tl.constexpr, VEC: tl.constexpr, BLOCK_W: tl.constexpr, BATCH: tl.constexpr, ASM: tl.constexpr,
-        PDL: tl.constexpr,
+    def _words_gemv_kernel(
+        x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, stride_xm, stride_ym, fmagic, x_inv_scale, x_scale,
+        cs_ptr, cw_ptr, cb_ptr, conv_start, conv_c,
+        K: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, A8: tl.constexpr, X_INT8: tl.constexpr,
+        HAS_BIAS: tl.constexpr, CONV_W: tl.constexpr, CONV_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, VEC: tl.constexpr,
+        BLOCK_W: tl.constexpr, BATCH: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr,
     ):
-        # Decode (few rows of x): program (i, m) owns BLOCK_N output rows of activation row m. The packed
-        # weights are read as int32 words (8 nibbles = inputs 8w..8w+7, low nibble first): per K step of
-        # BLOCK_W words, thread c takes the VEC consecutive words from c * VEC (one vector load, inside
-        # one quantization group) of every row, and their activations: word w's 16 activations are the
-        # int32 pairs 4w..4w+3, one 16-byte load per word, converted once for all BLOCK_N rows. Every
-        # tensor is [CH] (one element per thread, _load_words), so nothing changes layout. Per weight: one
-        # LOP3 + one FADD (_w4_nibble) + one FFMA; per row and thread the VEC words are summed in-thread
-        # and multiplied by their group scale once. K is a compile-time constant and the K steps unroll,
-        # BATCH steps' loads at a time; the rows are reduced across threads together at the end.
+        # Decode (few rows of x): program (i, m) owns BLOCK_N output rows of activation
+        # row m. The weights are read as int32 words of E = 32 / BITS weights each, inputs E w .. E w + E - 1
+        # in ascending bit order: BITS = 4 (W4: nibbles, a float32 scale per GROUP inputs), 8 (W8: bytes,
+        # a float32 scale per row, applied after the sum) or 16 (x's float dtype, no scale). Per K step of
+        # BLOCK_W words, thread c takes the VEC consecutive words from c * VEC (one vector load; for W4
+        # inside one quantization group) of every row, and their activations, P int32 words per weight
+        # word (E / 2 pairs of 16-bit activations; W8A8 with int8 x: E / 4 words of four) in P VEC
+        # consecutive words (one to four vector loads), converted once for all BLOCK_N rows. Every tensor is [CH] (one element per thread, _load_words), so nothing changes layout.
+        # Per weight: one LOP3 + one FADD (_word_field; 16-bit: one conversion) + one FFMA; per row and
+        # thread the VEC words are summed in-thread (W4: times their group scale once). K is a
+        # compile-time constant and the K steps unroll, BATCH steps' loads at a time; the rows are reduced
+        # across threads together at the end.
+        #
+        # W8A8 (A8): x is quantized as it is converted (or is int8 already, X_INT8: four per word, one word
+        # per weight word) and the products run as for W8A16 on those integers: each product is at most
+        # 2**14 in magnitude and a chain holds 4 * STEPS <= 1024 of them (K <= 2**19, asserted), so every
+        # chain is exact in float32; the chains are summed in int32, as the reference sums.
         #
         # ``fmagic`` is 0x4B000000 (the float 2**23) passed in at run time rather than written as a
         # literal: as a register it lets ptxas fuse (u & mask) | magic into one LOP3 (with two
@@ -509,11 +631,15 @@ if triton is not None:
         #
         # With PDL the first batch's weights and scales are loaded before _pdl_wait, its activations after.
         _pdl_start(PDL)
-        KW: tl.constexpr = K // 8  # int32 words per row
+        E: tl.constexpr = 32 // BITS  # weights per word
+        P: tl.constexpr = E // 4 if X_INT8 else E // 2  # activation words per weight word (int8 x: 4 per word)
+        XV: tl.constexpr = 4 if VEC * P >= 4 else VEC * P  # activation words per vector load
+        KW: tl.constexpr = K // E  # int32 words per row
         NG: tl.constexpr = K // GROUP
         CH: tl.constexpr = BLOCK_W // VEC
         STEPS: tl.constexpr = (KW + BLOCK_W - 1) // BLOCK_W
         EVEN: tl.constexpr = KW % BLOCK_W == 0
+        tl.static_assert(not A8 or 4 * STEPS <= 1024, "W8A8: a chain of more than 1024 products may be inexact")
         F16: tl.constexpr = x_ptr.dtype.element_ty == tl.float16
         # The last program is moved back to end at row N (it recomputes rows of its neighbour and stores
         # only its own), so that no load needs a mask.
@@ -521,42 +647,44 @@ if triton is not None:
         m = tl.program_id(1)
         zero = fmagic >> 31
         c0 = tl.arange(0, CH) * VEC  # a thread's first word in a K step
-        pw = p_ptr.to(tl.pointer_type(tl.int32)) + r0 * KW
-        sp = s_ptr + r0 * NG
-        xw_ptr = x_ptr.to(tl.pointer_type(tl.int32)) + m * (stride_xm // 2)
-        accs = ()
-        for r in tl.static_range(BLOCK_N):
+        pw = w_ptr.to(tl.pointer_type(tl.int32)) + r0 * KW
+        if BITS == 4:
+            sp = s_ptr + r0 * NG
+        xw_ptr = x_ptr.to(tl.pointer_type(tl.int32)) + m * (stride_xm // (4 if X_INT8 else 2))
+        accs = ()  # W4: [r], row r's sum; else [r * VEC + v], row r's chain of word position v
+        for r in tl.static_range(BLOCK_N if BITS == 4 else BLOCK_N * VEC):
             accs = accs + (tl.zeros([CH], dtype=tl.float32),)
         for b0 in tl.static_range(0, STEPS, BATCH):
             # loads of steps b0 .. b0 + BATCH - 1 (i = step - b0): row r's word v at ws[(i * BLOCK_N + r) * VEC
-            # + v], its scale at ss[i * BLOCK_N + r], pair j of word v at xws[(i * VEC + v) * 4 + j]
+            # + v], its W4 scale at ss[i * BLOCK_N + r], pair j of word v at xws[(i * VEC + v) * P + j]
             ws = ()
             ss = ()
             xws = ()
             for st in tl.static_range(b0, b0 + BATCH):
                 if st < STEPS:
                     cw = st * BLOCK_W + c0
-                    if not EVEN:  # words past the row read word 0; their scales (below) are 0
+                    if not EVEN:  # words past the row read word 0; their activations (below) are 0
                         cw = tl.where(cw < KW, cw, 0)
-                    gi = (st * BLOCK_W + c0) // (GROUP // 8)  # a thread's VEC words lie in one group
                     for r in tl.static_range(BLOCK_N):
                         ws = ws + _load_words(pw + r * KW + cw, VEC, ASM)
-                        if EVEN:
-                            ss = ss + (tl.load(sp + r * NG + gi),)
-                        else:
-                            ss = ss + (tl.load(sp + r * NG + gi, mask=gi < NG, other=0.0),)
+                        if BITS == 4:  # (a thread's VEC words lie in one group)
+                            gi = (st * BLOCK_W + c0) // (GROUP // E)
+                            if EVEN:
+                                ss = ss + (tl.load(sp + r * NG + gi),)
+                            else:
+                                ss = ss + (tl.load(sp + r * NG + gi, mask=gi < NG, other=0.0),)
             if b0 == 0:
                 _pdl_wait(PDL)
             for st in tl.static_range(b0, b0 + BATCH):
                 if st < STEPS:
                     cw = st * BLOCK_W + c0
-                    for v in tl.static_range(VEC):
+                    for v in tl.static_range(0, VEC * P, XV):
                         if EVEN:
-                            xws = xws + _load_words(xw_ptr + (cw + v) * 4, 4, ASM)
-                        else:  # their activations are 0 too (a scale of 0 times a non-finite x is not)
-                            ok = cw < KW  # (KW and VEC are multiples of 4: a thread's words are all in or out)
-                            pairs = _load_words(xw_ptr + tl.where(ok, cw + v, 0) * 4, 4, ASM)
-                            for j in tl.static_range(4):
+                            xws = xws + _load_words(xw_ptr + cw * P + v, XV, ASM)
+                        else:  # 0 past the row (their weights repeat word 0: finite times non-finite x is not 0)
+                            ok = cw < KW  # (KW is a multiple of VEC: a thread's words are all in or all out)
+                            pairs = _load_words(xw_ptr + tl.where(ok, cw, 0) * P + v, XV, ASM)
+                            for j in tl.static_range(XV):
                                 xws = xws + (tl.where(ok, pairs[j], 0),)
             # ``magic`` is fmagic | 0, the 0 computed from every word and scale loaded above: as the
             # unpacking below depends on it, ptxas has to issue all of these loads before it unpacks
@@ -570,35 +698,25 @@ if triton is not None:
             for i in tl.static_range(len(xws)):
                 dep = dep & xws[i]
             magic = dep | fmagic
-            for i in tl.static_range(len(ss) // BLOCK_N):
-                parts = ()  # [r * VEC + v]: row r's sum over word v's 8 weights
-                for v in tl.static_range(VEC):
-                    xs = ()
-                    for j in tl.static_range(4):
-                        lo, hi = _x_halves(xws[(i * VEC + v) * 4 + j], F16)
-                        xs = xs + (lo, hi)
-                    us = ()
-                    for r in tl.static_range(BLOCK_N):
-                        us = us + (ws[(i * BLOCK_N + r) * VEC + v] ^ -0x77777778,)  # ^ 0x88888888: nibble + 8
-                    # nibble-major, so that the rows' independent FFMA chains interleave
-                    row_parts = ()
-                    for r in tl.static_range(BLOCK_N):
-                        row_parts = row_parts + (_w4_nibble(us[r], 0, magic) * xs[0],)
-                    for n in tl.static_range(1, 8):
-                        nxt = ()
-                        for r in tl.static_range(BLOCK_N):
-                            nxt = nxt + (row_parts[r] + _w4_nibble(us[r], n, magic) * xs[n],)
-                        row_parts = nxt
-                    parts = parts + row_parts
-                nxt = ()
-                for r in tl.static_range(BLOCK_N):
-                    row_sum = parts[r]
-                    for v in tl.static_range(1, VEC):
-                        row_sum += parts[v * BLOCK_N + r]
-                    nxt = nxt + (accs[r] + row_sum * ss[i * BLOCK_N + r],)
-                accs = nxt
-        y = _w4_rows_sum(accs, BLOCK_N)
+            for i in tl.static_range(len(ws) // (BLOCK_N * VEC)):
+                if BITS == 4:
+                    accs = _w4_group_step(accs, ws, ss, xws, i, magic, F16, BLOCK_N, VEC)
+                else:
+                    accs = _fma_chains_step(accs, ws, xws, i, magic, x_inv_scale, BITS, F16, A8, X_INT8, BLOCK_N, VEC)
+        if BITS != 4:  # each row's VEC chains
+            sums = ()
+            for r in tl.static_range(BLOCK_N):
+                row_sum = _chain_value(accs[r * VEC], A8)
+                for v in tl.static_range(1, VEC):
+                    row_sum += _chain_value(accs[r * VEC + v], A8)
+                sums = sums + (row_sum,)
+            accs = sums
+        y = _joined_rows_sum(accs, BLOCK_N).to(tl.float32)
         rows = r0 + tl.arange(0, BLOCK_N)
+        if BITS == 8:
+            y = y * tl.load(s_ptr + rows)
+        if A8:
+            y = y * x_scale
         if HAS_BIAS:
             y += tl.load(b_ptr + rows).to(tl.float32)
         # the rows this program owns: the last one, moved back, leaves its neighbour's rows to it (the
@@ -787,50 +905,110 @@ _GEMV_PROGRAMS_PER_SM = 4  # enough weight loads in flight to stream HBM (528 pr
 # Mamba-1 1.4B): W8 down to one row (x_proj's 160 outputs then run 160 programs instead of 40) makes
 # W8A16 decode 7% faster.
 _W8_GEMV_MIN_BLOCK_N = 1
-# W4 (``_w4_gemv_config``): rows per program halve from _W4_GEMV_MAX_BLOCK_N down to
-# _W4_GEMV_MIN_BLOCK_N until the grid has _W4_GEMV_WARPS_PER_SM warps per SM. The rows of a program share
-# its activation unpacking, so 8 rows amortize it for large N, while a small layer (x_proj: 160 or 80
-# outputs) gets one row per program and spreads over more SMs. Measured on an H100 (132 SMs) as
-# whole-model decode with programmatic dependent launch (tools/decode_knob_sweep.py; docs/benchmarks.md,
-# tenth session), ms/token for Mamba-1 1.4B / Mamba-1 130M / Mamba-2 130M at 4 warps per SM: 1.195 /
-# 0.256 / (0.262-0.272 in earlier calls); 6: 1.192 / 0.238 / 0.261; 8: 1.08-1.11 / 0.239 / 0.272-0.274;
-# 12: 1.08 / 0.279 / 0.273. No single count is best for all three (per-shape tuning would be the next
-# step). At most 4, 2 or 1 rows per program instead of 8 (at 4 warps per SM): 1.4B 1.20, 1.46, 1.96.
-# Jetson Orin (16 SMs) gets the same counts per SM, not tuned there.
-_W4_GEMV_MIN_BLOCK_N = 1
-_W4_GEMV_MAX_BLOCK_N = 8  # 1, 2, 4 or 8 (_w4_rows_sum)
-_W4_GEMV_WARPS_PER_SM = 8  # 1056 warps on an H100
-# Widest K step of the W4 kernel, in int32 words (8 weights each) per row: 4 warps x 4 words.
-_W4_GEMV_MAX_BLOCK_W = 512
-# Weight words per thread loaded before the W4 kernel waits for them (4 x 16-byte loads in flight per
-# row at 8 rows): successive K steps are batched up to this.
-_W4_GEMV_MAX_WORDS = 32
-# magic float 2**23 (see _w4_gemv_kernel)
-_W4_FMAGIC = 0x4B000000
 
 
-def _w4_gemv_config(n: int, k: int, sms: int = _NOMINAL_SMS) -> tuple[int, int, int, int, int]:
+class WordsGemvTuning(NamedTuple):
+    """Launch limits of the word-streaming GEMV (``_words_gemv_kernel``) for one weight width; see
+    _words_gemv_config. Rows per program halve from max_block_n (1, 2, 4 or 8: _joined_rows_sum) until the
+    grid has warps_per_sm warps and programs_per_sm programs per SM: the rows of a program share its
+    activation unpacking, so more rows amortize it for large N, while a small layer (x_proj: 160 or 80
+    outputs) spreads over more SMs."""
+
+    max_block_w: int  # widest K step, in int32 words per row (up to 4 warps x 4 words)
+    max_block_n: int
+    warps_per_sm: int
+    programs_per_sm: int
+
+
+# Per weight bits, measured on an H100 (132 SMs). W4: tuned as whole-model decode with programmatic
+# dependent launch (tools/decode_knob_sweep.py; docs/benchmarks.md, tenth session), ms/token for Mamba-1
+# 1.4B / Mamba-1 130M / Mamba-2 130M at 4 warps per SM: 1.195 / 0.256 / (0.262-0.272 in earlier calls);
+# 6: 1.192 / 0.238 / 0.261; 8: 1.08-1.11 / 0.239 / 0.272-0.274; 12: 1.08 / 0.279 / 0.273; at most 4, 2 or 1
+# rows per program instead of 8 (at 4 warps per SM): 1.4B 1.20, 1.46, 1.96. W8 and 16 bits: chosen from
+# every launch configuration of the Mamba-1 130M and 1.4B projections timed one at a time
+# (tools/gemv_config_sweep.py; docs/benchmarks.md, fourteenth session) as the limits with the least total
+# time per weight width: over those layers W4's limits took 1.18-1.28x the time of each layer's best
+# configuration, these 1.04-1.10x. Jetson Orin (16 SMs) gets the same counts per SM, not tuned there.
+_WORDS_GEMV_TUNING: dict[int, WordsGemvTuning] = {
+    4: WordsGemvTuning(max_block_w=512, max_block_n=8, warps_per_sm=8, programs_per_sm=0),
+    8: WordsGemvTuning(max_block_w=256, max_block_n=8, warps_per_sm=0, programs_per_sm=4),
+    16: WordsGemvTuning(max_block_w=512, max_block_n=4, warps_per_sm=0, programs_per_sm=2),
+}
+# Weight words per thread loaded before the kernel waits for them (4 x 16-byte loads in flight per row at
+# 8 rows): successive K steps are batched up to this.
+_WORDS_GEMV_MAX_WORDS = 32
+# magic float 2**23 (see _words_gemv_kernel)
+_WORDS_FMAGIC = 0x4B000000
+
+
+def _words_gemv_config(n: int, kw: int, bits: int, sms: int = _NOMINAL_SMS) -> tuple[int, int, int, int, int]:
     """(BLOCK_N rows per program, VEC words per thread, BLOCK_W words per K step, BATCH steps per wait,
-    num_warps) of the W4 GEMV for N outputs and K inputs.
+    num_warps) of the word-streaming GEMV for N outputs and rows of ``kw`` int32 words (a multiple of 4)
+    of ``bits``-bit weights, within _WORDS_GEMV_TUNING[bits].
 
-    The K step is the largest power of two dividing the row's K/8 words (up to _W4_GEMV_MAX_BLOCK_W), so
-    no word is masked; rows with an odd factor over 8 steps use masked steps of a power of two instead,
-    padding at most a third. 4 words (one 16-byte load) per thread and row where the step has 128 or
-    more, fewer below; 1-4 warps to cover the step. Rows per program as in the knobs above; steps are
-    batched until a thread holds _W4_GEMV_MAX_WORDS words."""
-    kw = k // 8
-    block_w = min(kw & -kw, _W4_GEMV_MAX_BLOCK_W)
-    if kw // block_w > 8:
-        block_w = min(1 << (kw - 1).bit_length(), _W4_GEMV_MAX_BLOCK_W)  # next power of two
-        while block_w > 32 and 3 * (-(-kw // block_w) * block_w) > 4 * kw:
-            block_w //= 2
+    Rows shorter than a warp's 32 words are one masked step. Otherwise the K step is the largest power of
+    two dividing kw (up to max_block_w), so no word is masked; rows with an odd factor over 8 steps use
+    masked steps of a power of two instead, padding at most a third. 4 words (one 16-byte load) per thread
+    and row where the step has 128 or more, fewer below; 1-4 warps to cover the step. Steps are batched
+    until a thread holds _WORDS_GEMV_MAX_WORDS words."""
+    tune = _WORDS_GEMV_TUNING[bits]
+    if kw < 32:
+        block_w = 1 << (kw - 1).bit_length()
+    else:
+        block_w = min(kw & -kw, tune.max_block_w)
+        if kw // block_w > 8:
+            block_w = min(1 << (kw - 1).bit_length(), tune.max_block_w)  # next power of two
+            while block_w > 32 and 3 * (-(-kw // block_w) * block_w) > 4 * kw:
+                block_w //= 2
     vec = min(4, max(block_w // 32, 1))
     warps = max(block_w // (32 * vec), 1)
-    block_n = _block_n(n, _W4_GEMV_MAX_BLOCK_N, _W4_GEMV_MIN_BLOCK_N, -(-_W4_GEMV_WARPS_PER_SM * sms // warps))
+    programs = max(-(-tune.warps_per_sm * sms // warps), tune.programs_per_sm * sms)
+    block_n = _block_n(n, tune.max_block_n, 1, programs)
     while block_n > n:  # the last program is moved back to end at row N, so it must fit
         block_n //= 2
-    batch = max(1, min(-(-kw // block_w), _W4_GEMV_MAX_WORDS // (block_n * vec)))
+    batch = max(1, min(-(-kw // block_w), _WORDS_GEMV_MAX_WORDS // (block_n * vec)))
     return block_n, vec, block_w, batch, warps
+
+
+# W8 rows of more than this many weights run the row-streaming kernel. Measured on an H100 (docs/benchmarks.md,
+# fourteenth session): at K = 4096 (Mamba-1 1.4B x_proj and out_proj) the row-streaming kernel was 1.07-1.2x
+# faster than the word-streaming one at its W8 limits (at out_proj also than its best tiling), at K <= 2048
+# as fast or slower. It also bounds W8A8's float32 product chains well within exactness (_words_gemv_kernel).
+_WORDS_W8_MAX_K = 2048
+
+
+def _words_gemv_applies(x: torch.Tensor, k: int, bits: int, a8: bool = False) -> bool:
+    """Whether ``_launch_words_gemv`` takes x [M, K] with weights of ``bits`` bits: decode-sized M, 16-bit
+    activations (W8A8: or int8), and rows of a multiple of 4 words (every K of W4; K % 16 for W8, K % 8
+    for 16 bits), which keeps every row of the weights 16-byte aligned and a thread's words within the
+    row; W8 up to _WORDS_W8_MAX_K."""
+    dtypes = _A16 + (torch.int8,) if a8 else _A16
+    return (x.shape[0] <= _GEMV_MAX_M and x.dtype in dtypes and k % (128 // bits) == 0
+            and (bits != 8 or k <= _WORDS_W8_MAX_K))
+
+
+def _launch_words_gemv(name: str, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None,
+                       bias: torch.Tensor | None, out: torch.Tensor | None, conv: ConvUpdate | None, bits: int,
+                       group: int, out_dtype: torch.dtype | None = None, a8: bool = False,
+                       x_inv_scale: float = 1.0, x_scale: float = 1.0) -> torch.Tensor:
+    """The word-streaming GEMV kernel over weights w [N, K * bits / 8 bytes] (W4: packed nibbles with group
+    scales [N, K / group]; W8: int8 with row scales [N], with ``a8`` for W8A8; 16 bits: x's dtype, no
+    scale); see _words_gemv_applies. The output is in out_dtype (default: x's dtype)."""
+    n, k = w.shape[0], x.shape[1]
+    y = _output(name, x, n, bias, out_dtype or x.dtype, out)
+    # the kernel reads x and the weights in 16-byte vectors (_load_words): x rows and the weights must
+    # start at multiples of 16 bytes (fresh tensors do; views may not)
+    if (x.shape[0] > 1 and x.stride(0) * x.element_size() % 16) or x.data_ptr() % 16:
+        x = x.contiguous() if not x.is_contiguous() else x.clone()
+    if w.data_ptr() % 16:
+        w = w.clone()
+    bn, vec, bw, batch, warps = _words_gemv_config(n, k * bits // 32, bits, _sm_count(x))
+    _words_gemv_kernel[(triton.cdiv(n, bn), x.shape[0])](
+        x, w, scale, bias, y, n, x.stride(0), y.stride(0), _WORDS_FMAGIC, x_inv_scale, x_scale,
+        *_conv_args(name, conv, y), K=k, BITS=bits, GROUP=group, A8=a8, X_INT8=x.dtype == torch.int8,
+        HAS_BIAS=bias is not None, **_conv_flags(conv), BLOCK_N=bn, VEC=vec, BLOCK_W=bw, BATCH=batch, ASM=x.is_cuda,
+        num_warps=warps, **_pdl(y))
+    return y
 
 
 def _pdl(t: torch.Tensor) -> dict[str, bool]:
@@ -892,9 +1070,13 @@ def _gemv_setup(name: str, x: torch.Tensor, n: int, bias: torch.Tensor | None, o
 def _launch_w8(name: str, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                out_dtype: torch.dtype, out: torch.Tensor | None, x_inv_scale: float, x_scale: float, a8: bool,
                conv: ConvUpdate | None) -> torch.Tensor:
-    """Both W8 paths (A16 and A8): the GEMV kernel for decode-sized M, the GEMM kernel otherwise."""
+    """Both W8 paths (A16 and A8): a GEMV kernel for decode-sized M (the word-streaming one where it applies,
+    else the row-streaming one), the GEMM kernel otherwise."""
     n, k = q.shape
     m = x.shape[0]
+    if _words_gemv_applies(x, k, 8, a8):
+        return _launch_words_gemv(name, x, q, scale, bias, out, conv, bits=8, group=k, out_dtype=out_dtype, a8=a8,
+                                  x_inv_scale=x_inv_scale, x_scale=x_scale)
     flags = dict(A8=a8, X_INT8=x.dtype == torch.int8, HAS_BIAS=bias is not None)
     if m <= _GEMV_MAX_M:
         return _launch_rows_gemv(name, x, q, scale, bias, out_dtype, out, x_inv_scale, x_scale, conv, W16=False,
@@ -922,8 +1104,8 @@ def _launch_rows_gemv(name: str, x: torch.Tensor, w: torch.Tensor, scale: torch.
 def gemv_float(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
                out: torch.Tensor | None = None, conv: ConvUpdate | None = None) -> torch.Tensor:
     """y [M, N] = x [M, K] · w [N, K]^T (+ bias): for float16/bfloat16 x and w of the same dtype and M
-    <= 4 the row-streaming GEMV kernel (the W8 one without the dequantization), else F.linear (cuBLAS
-    on a GPU): float32, larger M. ``conv`` (GEMV kernel only): see ConvUpdate."""
+    <= 4 a decode GEMV kernel (the word-streaming one for K % 8 == 0, else the row-streaming one), else
+    F.linear (cuBLAS on a GPU): float32, larger M. ``conv`` (GEMV kernels only): see ConvUpdate."""
     n, k = w.shape
     if x.dtype not in _A16 or x.shape[0] > _GEMV_MAX_M or triton is None:
         _no_conv_beyond_gemv("gemv_float", conv, x.shape[0])
@@ -934,6 +1116,8 @@ def gemv_float(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
         return y if out is None else out.copy_(y)
     _check_x("gemv_float", x, k, _A16)
     _check_param("gemv_float", "w", w, (n, k), x.dtype, x.device)
+    if _words_gemv_applies(x, k, 16):
+        return _launch_words_gemv("gemv_float", x, w, None, bias, out, conv, bits=16, group=k)
     return _launch_rows_gemv("gemv_float", x, w, None, bias, x.dtype, out, 1.0, 1.0, conv, W16=True, A8=False,
                              X_INT8=False, HAS_BIAS=bias is not None)
 
@@ -990,20 +1174,8 @@ def gemv_w4a16(
     if group < 32 or group & (group - 1):
         raise ValueError(f"gemv_w4a16: group size {group} must be a power of two >= 32")
     _require_triton()
-    if x.shape[0] <= _GEMV_MAX_M:
-        y = _output("gemv_w4a16", x, n, bias, x.dtype, out)
-        # the kernel reads x and the packed weights in 16-byte vectors (_load_words): x rows and the
-        # weights must start at multiples of 16 bytes (fresh tensors do; views may not)
-        if (x.shape[0] > 1 and x.stride(0) % 8) or x.data_ptr() % 16:
-            x = x.contiguous() if not x.is_contiguous() else x.clone()
-        if packed.data_ptr() % 16:
-            packed = packed.clone()
-        bn, vec, bw, batch, warps = _w4_gemv_config(n, k, _sm_count(x))
-        _w4_gemv_kernel[(triton.cdiv(n, bn), x.shape[0])](
-            x, packed, scale, bias, y, n, x.stride(0), y.stride(0), _W4_FMAGIC, *_conv_args("gemv_w4a16", conv, y),
-            K=k, GROUP=group, HAS_BIAS=bias is not None, **_conv_flags(conv), BLOCK_N=bn, VEC=vec, BLOCK_W=bw,
-            BATCH=batch, ASM=x.is_cuda, num_warps=warps, **_pdl(y))
-        return y
+    if _words_gemv_applies(x, k, 4):
+        return _launch_words_gemv("gemv_w4a16", x, packed, scale, bias, out, conv, bits=4, group=group)
     _no_conv_beyond_gemv("gemv_w4a16", conv, x.shape[0])
     y, bm, bn, grid = _gemm_setup("gemv_w4a16", x, n, bias, x.dtype, out)
     _w4_kernel[grid](x, packed, scale, bias, y, x.shape[0], n, k, x.stride(0), y.stride(0),
