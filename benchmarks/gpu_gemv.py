@@ -14,6 +14,11 @@ dt_proj [d_inner, dt_rank], out_proj [d_model, d_inner], lm_head [vocab, d_model
   scale absmax(x) / 127). A projection whose K is not a multiple of the W4 group has no w4a16 row (the
   backend runs it as W8A16, e.g. dt_proj of Mamba-1 130M).
 
+With ``--conv-width W`` the in_proj rows run as decode runs them: the GEMV with the causal conv update of
+width W fused on its first d_inner columns (``ConvUpdate``; not for ``fp16``, whose cuBLAS call has no
+epilogue), each weight copy with its own conv state; their ``kernel_err`` covers the other columns (the
+conv columns are checked by tests/test_cuda_backend.py).
+
 Each row is one CUDA graph of ``copies`` calls, each on its own copy of the weights (distinct
 addresses, so L2 does not serve them: at least ``--copies``, and enough copies for
 ``--l2-multiple`` x the L2 size in weight bytes), replayed ``--replays`` times after ``--warmup``
@@ -58,7 +63,7 @@ GEMV_CONFIGS = ("mamba1-130m", "mamba1-1.4b")
 PROJECTIONS = ("in_proj", "x_proj", "dt_proj", "out_proj", "lm_head")
 IMPLS = ("fp16", "fp16-triton", "w8a16", "w8a8", "w4a16")
 MAX_COPIES = 4096
-COLUMNS = ["config", "proj", "N", "K", "M", "impl", "us_per_call", "gb_s", "pct_copy_bw", "weight_bytes", "copies",
+COLUMNS = ["config", "proj", "N", "K", "M", "conv_width", "impl", "us_per_call", "gb_s", "pct_copy_bw", "weight_bytes", "copies",
            "err_vs_fp16", "kernel_err", "error"]
 
 
@@ -100,24 +105,39 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _impl(impl: str, w: torch.Tensor, x: torch.Tensor, group: int):
-    """(weight tensors, call(x, tensors) -> y, float64 reference of y) of one implementation."""
+    """(weight tensors, call(x, tensors, conv=None) -> y, float64 reference of y) of one implementation."""
     from edgessm.ops import triton_gemv as Q
 
     if impl == "fp16":
-        return (w,), lambda x_, t: torch.nn.functional.linear(x_, t[0]), x.double() @ w.double().T
+        return (w,), lambda x_, t, conv=None: torch.nn.functional.linear(x_, t[0]), x.double() @ w.double().T
     if impl == "fp16-triton":
-        return (w,), lambda x_, t: Q.gemv_float(x_, t[0]), Q.reference_float(x, w)
+        return (w,), lambda x_, t, conv=None: Q.gemv_float(x_, t[0], conv=conv), Q.reference_float(x, w)
     if impl == "w4a16":
         p, s = Q.quantize_w4(w, group)
-        return (p, s), lambda x_, t: Q.gemv_w4a16(x_, t[0], t[1]), Q.reference_w4a16(x, p, s)
+        return (p, s), lambda x_, t, conv=None: Q.gemv_w4a16(x_, t[0], t[1], conv=conv), Q.reference_w4a16(x, p, s)
     q, s = Q.quantize_w8(w)
     if impl == "w8a16":
-        return (q, s), lambda x_, t: Q.gemv_w8a16(x_, t[0], t[1]), Q.reference_w8a16(x, q, s)
+        return (q, s), lambda x_, t, conv=None: Q.gemv_w8a16(x_, t[0], t[1], conv=conv), Q.reference_w8a16(x, q, s)
     x_scale = float(x.float().abs().max()) / 127
-    return (q, s), lambda x_, t: Q.gemv_w8a8(x_, x_scale, t[0], t[1]), Q.reference_w8a8(x, x_scale, q, s)
+    return ((q, s), lambda x_, t, conv=None: Q.gemv_w8a8(x_, x_scale, t[0], t[1], conv=conv),
+            Q.reference_w8a8(x, x_scale, q, s))
 
 
-def bench_row(n: int, k: int, m: int, impl: str, args: argparse.Namespace, l2_bytes: int) -> dict:
+def with_conv(call: Callable, n: int, x: torch.Tensor, width: int) -> tuple[Callable, torch.Tensor, int]:
+    """(call(x, tensors + (conv state,)), a fresh conv state, conv channels): ``call`` with the conv update of
+    ``width`` fused on the first n / 2 output columns (decode's in_proj) for x's rows, dtype and device, its
+    state the tensors' last."""
+    from edgessm.ops import triton_gemv as Q
+
+    c = n // 2
+    gen = torch.Generator(x.device).manual_seed(1)
+    weight = torch.randn(c, width, device=x.device, generator=gen) * 0.5
+    bias = torch.randn(c, device=x.device, generator=gen)
+    state = torch.randn(x.shape[0], c, width - 1, device=x.device, generator=gen).to(x.dtype)
+    return lambda x_, t: call(x_, t[:-1], conv=Q.ConvUpdate(t[-1], weight, bias, 0)), state, c
+
+
+def bench_row(n: int, k: int, m: int, impl: str, args: argparse.Namespace, l2_bytes: int, conv_width: int = 0) -> dict:
     gen = torch.Generator("cuda").manual_seed(0)
     w = (torch.randn(n, k, device="cuda", generator=gen) / math.sqrt(k)).half()
     x = torch.randn(m, k, device="cuda", generator=gen).half()
@@ -125,8 +145,13 @@ def bench_row(n: int, k: int, m: int, impl: str, args: argparse.Namespace, l2_by
     tensors, call, ref = _impl(impl, w, x, args.group)
     nbytes = weight_bytes(impl, n, k, args.group)
     assert nbytes == sum(t.numel() * t.element_size() for t in tensors)
+    plain = slice(0, n)  # the output columns the errors cover
+    if conv_width:
+        call, state, c = with_conv(call, n, x, conv_width)
+        tensors, plain = tensors + (state,), slice(c, n)
     y = call(x, tensors)  # compiles the Triton kernel outside the capture
-    row = {"weight_bytes": nbytes, "err_vs_fp16": rel_err(y, y_fp16), "kernel_err": rel_err(y, ref)}
+    row = {"weight_bytes": nbytes, "err_vs_fp16": rel_err(y[:, plain], y_fp16[:, plain]),
+           "kernel_err": rel_err(y[:, plain], ref[:, plain])}
     del ref, y_fp16
     ncopies = copies_for(nbytes, args.copies, l2_bytes, args.l2_multiple)
     copies = [tuple(t.clone() for t in tensors) for _ in range(ncopies)]
@@ -148,6 +173,11 @@ def bench_row(n: int, k: int, m: int, impl: str, args: argparse.Namespace, l2_by
                p90_us=1e3 * t["p90_ms"] / ncopies)
     return row
 
+def conv_width(proj: str, impl: str, args: argparse.Namespace) -> int:
+    """The conv update fused into this row's GEMV (--conv-width; in_proj only, not cuBLAS's fp16), 0 if none."""
+    return args.conv_width if proj == "in_proj" and impl != "fp16" else 0
+
+
 # weight bits of the impls that may run edgessm's word-streaming GEMV kernel (its launch config goes in the JSON)
 WORD_GEMV_BITS = {"w4a16": 4, "w8a16": 8, "w8a8": 8, "fp16-triton": 16}
 
@@ -164,7 +194,8 @@ def run(args: argparse.Namespace, copy_bw: float, l2_bytes: int,
             n, k = shapes[proj]
             for m in (int(v) for v in args.batch.split(",")):
                 for impl in args.impls.split(","):
-                    row = {"config": config, "proj": proj, "N": n, "K": k, "M": m, "impl": impl}
+                    row = {"config": config, "proj": proj, "N": n, "K": k, "M": m, "impl": impl,
+                           "conv_width": conv_width(proj, impl, args)}
                     if impl == "w4a16" and k % args.group:
                         continue  # the backend runs such a layer as W8A16
                     bits = WORD_GEMV_BITS.get(impl)
@@ -174,7 +205,7 @@ def run(args: argparse.Namespace, copy_bw: float, l2_bytes: int,
                                                        Q._words_gemv_config(n, k * bits // 32, bits, sms)))
                     log.info("%s %s [%d x %d] M=%d %s", config, proj, n, k, m, impl)
                     try:
-                        row.update(bench(n, k, m, impl, args, l2_bytes))
+                        row.update(bench(n, k, m, impl, args, l2_bytes, conv_width(proj, impl, args)))
                     except Exception as e:  # one failing row is reported in the table; the others still run
                         log.exception("%s %s %s failed", config, proj, impl)
                         row["error"] = f"{type(e).__name__}: {e}"[:300]
@@ -195,6 +226,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--copies", type=int, default=20, help="fewest weight copies (calls) per graph")
     ap.add_argument("--l2-multiple", type=float, default=2.0,
                     help="more copies until they span this many L2 sizes (0: exactly --copies)")
+    ap.add_argument("--conv-width", type=int, default=0,
+                    help="fuse the decode conv update of this width into in_proj's GEMV, as decode does (0: none)")
     ap.add_argument("--replays", type=int, default=50, help="timed graph replays per row")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--json", type=Path, default=Path(os.environ.get("OUT", "out")) / "gpu_gemv.json")
@@ -203,6 +236,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         bad = [v for v in getattr(args, opt).split(",") if v not in allowed]
         if bad:
             ap.error(f"--{opt}: unknown {bad}, expected some of {', '.join(allowed)}")
+    if args.conv_width < 0:
+        ap.error(f"--conv-width: expected 0 (none) or a conv width, got {args.conv_width}")
     if not all(v.isdigit() and int(v) >= 1 for v in args.batch.split(",")):
         ap.error(f"--batch: expected positive integers, got {args.batch!r}")
     return args

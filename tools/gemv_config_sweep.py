@@ -8,7 +8,7 @@ copies, median replay):
 - ``default``: the word-streaming kernel at ``_words_gemv_config``'s choice,
 - every candidate (BLOCK_N, VEC, BLOCK_W, BATCH, num_warps) of the word-streaming kernel (``candidates``),
 
-and prints, per projection and mode, the three and the best candidate, so that ``_words_gemv_config`` and the
+(in_proj with the decode conv update fused under ``--conv-width 4``, as decode runs it) and prints, per projection and mode, the three and the best candidate, so that ``_words_gemv_config`` and the
 routing between the two kernels can be set from one run. Every timed call is also checked against the float64
 reference (``kernel_err``). Triton compiles each candidate once; ``--jobs`` processes compile them first (same
 Triton cache), so the timing process only loads them.
@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import edgessm.ops.triton_gemv as gemv  # noqa: E402
 from edgessm.io import atomic_write_json  # noqa: E402
 from edgessm.runtime.bench import format_table  # noqa: E402
-from gpu_gemv import CONFIGS, WORD_GEMV_BITS, bench_row, copy_bandwidth, projection_shapes  # noqa: E402
+from gpu_gemv import CONFIGS, WORD_GEMV_BITS, bench_row, conv_width, copy_bandwidth, projection_shapes, with_conv  # noqa: E402
 
 log = logging.getLogger("gemv_config_sweep")
 
@@ -90,7 +90,8 @@ def plan(args: argparse.Namespace) -> list[dict]:
                 if k % (128 // bits) or (impl == "w4a16" and k % args.group):
                     continue
                 kw = k * bits // 32
-                base = {"config": config, "proj": proj, "N": n, "K": k, "impl": impl}
+                base = {"config": config, "proj": proj, "N": n, "K": k, "impl": impl,
+                        "conv_width": conv_width(proj, impl, args)}
                 if impl != "w4a16":
                     jobs.append({**base, "kernel": "rows", "words": None})
                 jobs.append({**base, "kernel": "default", "words": list(gemv._words_gemv_config(n, kw, bits, sms))})
@@ -106,6 +107,9 @@ def compile_shard(jobs: list[dict], args: argparse.Namespace) -> None:
         w = torch.randn(job["N"], job["K"], device="cuda").half()
         x = torch.randn(1, job["K"], device="cuda").half()
         tensors, call, _ = _impl(job["impl"], w, x, args.group)
+        if job["conv_width"]:
+            call, state, _ = with_conv(call, job["N"], x, job["conv_width"])
+            tensors = tensors + (state,)
         with forced(job["kernel"], job["words"] and tuple(job["words"])):
             call(x, tensors)
     torch.cuda.synchronize()
@@ -125,7 +129,8 @@ def time_all(jobs: list[dict], args: argparse.Namespace) -> list[dict]:
         what = " ".join(str(job[k]) for k in ("config", "proj", "impl", "kernel", "words"))
         try:
             with forced(job["kernel"], job["words"] and tuple(job["words"])):
-                rows.append({**job, **bench_row(job["N"], job["K"], 1, job["impl"], args, args.l2_bytes)})
+                rows.append({**job, **bench_row(job["N"], job["K"], 1, job["impl"], args, args.l2_bytes,
+                                                job["conv_width"])})
             # one line per launch, so that a run cut short still shows what it timed
             log.info("[%d/%d] %s: %.3f us, err %.1e", i + 1, len(jobs), what, rows[-1]["us_per_call"],
                      rows[-1]["kernel_err"])
@@ -159,6 +164,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--group", type=int, default=128, help="W4 quantization group")
     ap.add_argument("--copies", type=int, default=20, help="fewest weight copies per graph (gpu_gemv.py)")
     ap.add_argument("--l2-multiple", type=float, default=2.0, help="as gpu_gemv.py")
+    ap.add_argument("--conv-width", type=int, default=0, help="in_proj with the decode conv update fused (gpu_gemv.py)")
     ap.add_argument("--replays", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--jobs", type=int, default=8, help="compile processes (0: compile while timing)")
