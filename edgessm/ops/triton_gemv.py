@@ -19,8 +19,9 @@ reading the weights once. The word-streaming kernel (``_words_gemv_kernel``) ser
 and unquantized float16/bfloat16 weights (``gemv_float``, the CUDA backend's ``weights="float"``): it
 reads weights and activations as int32 words in 16-byte vectors, one element per thread in every tensor
 (no layout conversions through shared memory), and is compiled for each K, its K steps unrolled; it
-takes rows of a multiple of 4 words (every W4 K, W8 K % 16, 16-bit K % 8). The row-streaming kernel
-(``_rows_gemv_kernel``) serves the other K, in wide 2-D tiles. Both can end in the decode
+takes rows of a multiple of 4 words (every W4 K, W8 K % 16, 16-bit K % 8) and W8 rows up to
+``_WORDS_W8_MAX_K``, with launch limits per weight width (``_WORDS_GEMV_TUNING``, measured on an H100).
+The row-streaming kernel (``_rows_gemv_kernel``) serves the other K, in wide 2-D tiles. Both can end in the decode
 step's causal conv1d update (``ConvUpdate``): in_proj's x (Mamba-1) or xBC (Mamba-2) columns leave the
 kernel convolved, with the conv state shifted, which saves the decode step one launch per layer.
 Larger M runs the GEMM kernels, which tile M (tokens) by
