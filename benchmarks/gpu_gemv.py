@@ -137,18 +137,26 @@ def with_conv(call: Callable, n: int, x: torch.Tensor, width: int) -> tuple[Call
     return lambda x_, t: call(x_, t[:-1], conv=Q.ConvUpdate(t[-1], weight, bias, 0)), state, c
 
 
-def bench_row(n: int, k: int, m: int, impl: str, args: argparse.Namespace, l2_bytes: int, conv_width: int = 0) -> dict:
+def prepare_row(n: int, k: int, m: int, impl: str, group: int, conv_width: int = 0):
+    """One row's inputs, fixed-seed random float16 w [n, k] and x [m, k], and what a call of ``impl`` needs:
+    (x, w, tensors, call(x, tensors) -> y, float64 reference of y, the output columns the errors cover);
+    with conv_width the conv update is fused (with_conv), its state the tensors' last."""
     gen = torch.Generator("cuda").manual_seed(0)
     w = (torch.randn(n, k, device="cuda", generator=gen) / math.sqrt(k)).half()
     x = torch.randn(m, k, device="cuda", generator=gen).half()
-    y_fp16 = torch.nn.functional.linear(x, w)
-    tensors, call, ref = _impl(impl, w, x, args.group)
-    nbytes = weight_bytes(impl, n, k, args.group)
-    assert nbytes == sum(t.numel() * t.element_size() for t in tensors)
-    plain = slice(0, n)  # the output columns the errors cover
+    tensors, call, ref = _impl(impl, w, x, group)
+    assert weight_bytes(impl, n, k, group) == sum(t.numel() * t.element_size() for t in tensors)
+    plain = slice(0, n)
     if conv_width:
         call, state, c = with_conv(call, n, x, conv_width)
         tensors, plain = tensors + (state,), slice(c, n)
+    return x, w, tensors, call, ref, plain
+
+
+def bench_row(n: int, k: int, m: int, impl: str, args: argparse.Namespace, l2_bytes: int, conv_width: int = 0) -> dict:
+    x, w, tensors, call, ref, plain = prepare_row(n, k, m, impl, args.group, conv_width)
+    y_fp16 = torch.nn.functional.linear(x, w)
+    nbytes = weight_bytes(impl, n, k, args.group)
     y = call(x, tensors)  # compiles the Triton kernel outside the capture
     row = {"weight_bytes": nbytes, "err_vs_fp16": rel_err(y[:, plain], y_fp16[:, plain]),
            "kernel_err": rel_err(y[:, plain], ref[:, plain])}

@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import edgessm.ops.triton_gemv as gemv  # noqa: E402
 from edgessm.io import atomic_write_json  # noqa: E402
 from edgessm.runtime.bench import format_table  # noqa: E402
-from gpu_gemv import CONFIGS, WORD_GEMV_BITS, bench_row, conv_width, copy_bandwidth, projection_shapes, with_conv  # noqa: E402
+from gpu_gemv import (CONFIGS, WORD_GEMV_BITS, bench_row, conv_width, copy_bandwidth, prepare_row,  # noqa: E402
+                      projection_shapes)
 
 log = logging.getLogger("gemv_config_sweep")
 
@@ -101,15 +102,8 @@ def plan(args: argparse.Namespace) -> list[dict]:
 
 def compile_shard(jobs: list[dict], args: argparse.Namespace) -> None:
     """Runs each job once (Triton compiles its kernel into the shared cache); no timing."""
-    from gpu_gemv import _impl
-
     for job in jobs:
-        w = torch.randn(job["N"], job["K"], device="cuda").half()
-        x = torch.randn(1, job["K"], device="cuda").half()
-        tensors, call, _ = _impl(job["impl"], w, x, args.group)
-        if job["conv_width"]:
-            call, state, _ = with_conv(call, job["N"], x, job["conv_width"])
-            tensors = tensors + (state,)
+        x, _, tensors, call, _, _ = prepare_row(job["N"], job["K"], 1, job["impl"], args.group, job["conv_width"])
         with forced(job["kernel"], job["words"] and tuple(job["words"])):
             call(x, tensors)
     torch.cuda.synchronize()

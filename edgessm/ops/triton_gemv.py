@@ -231,10 +231,15 @@ if triton is not None:
         if X_INT8:
             xq = x
         else:
-            v = tl.minimum(tl.maximum(x.to(tl.float32) * inv_scale, -128.0), 127.0)
-            # 1.5 * 2**23: (v + M) - M rounds |v| < 2**22 half-to-even in float32 (as torch.round does)
-            xq = ((v + 12582912.0) - 12582912.0).to(tl.int8)
+            xq = _a8_value(x.to(tl.float32), inv_scale).to(tl.int8)
         return xq
+
+    @triton.jit
+    def _a8_value(x, inv_scale):
+        """The int8 quantization of the float32 x (as _a8_input gives it), as a float32 integer in [-128, 127]."""
+        v = tl.minimum(tl.maximum(x * inv_scale, -128.0), 127.0)
+        # 1.5 * 2**23: (v + M) - M rounds |v| < 2**22 half-to-even in float32 (as torch.round does)
+        return (v + 12582912.0) - 12582912.0
 
     @triton.jit
     def _pdl_start(PDL: tl.constexpr):
@@ -513,12 +518,6 @@ if triton is not None:
             return u ^ -0x77777778  # ^ 0x88888888: each nibble + 8, in [0, 15]
         else:
             return u ^ -0x7F7F7F80  # ^ 0x80808080: each byte + 128, in [0, 255]
-
-    @triton.jit
-    def _a8_value(x, inv_scale):
-        """_a8_input's quantization of the float32 x, as a float32 integer in [-128, 127]."""
-        v = tl.minimum(tl.maximum(x * inv_scale, -128.0), 127.0)
-        return (v + 12582912.0) - 12582912.0  # rounded half to even (see _a8_input)
 
     @triton.jit
     def _chain_value(acc, A8: tl.constexpr):
