@@ -1,13 +1,17 @@
 // Mamba-1 selective scan (prefill) and selective state update (decode), float and int8 inputs.
 //
-// Prefill (see docs/kernels.md): three kernels. dstate <= 16 (every Mamba-1 model): a segmented
+// Prefill (see docs/kernels.md): four kernels. dstate <= 16 (every Mamba-1 model): a segmented
 // sequential scan (thread = (channel, time segment), the 16 states in registers, two passes when
-// there is more than one segment; variant 3), and for one segment its one-barrier form (variant 4).
+// there is more than one segment; variant 3), on sm_90 and later its form with one segment per warp
+// and the segments spread over a thread-block cluster (variant 5), and for one segment the
+// one-barrier form (variant 4).
 // dstate > 16: a chunked parallel scan (one block of kScanThreads threads owns kRows channels of one
 // batch element and walks the sequence in chunks of kScanThreads * kScanItems tokens; for each state
 // n the recurrence h_t = a_t h_{t-1} + b_t is a composition of affine maps, so the chunk is scanned
 // by a sequential fold over each thread's items, a warp shuffle scan and a cross-warp combine with
 // the carry from the previous chunk; variants 1/2).
+#include <cooperative_groups.h>
+
 #include "common.cuh"
 
 namespace essm {
@@ -101,7 +105,7 @@ __device__ __forceinline__ float mixed_silu(float x) {
   return x * fma_rcp(1.f + fast_exp2(fminf(-x * kLog2e, 125.f)));
 }
 
-// How the per-(token, channel) softplus of delta is computed (variant 3, variant 4).
+// How the per-(token, channel) softplus of delta is computed (variant 3; variants 4 and 5: mixed).
 enum class ScanMath { kSfu, kMixed };
 
 template <ScanMath M>
@@ -712,6 +716,187 @@ __global__ void __launch_bounds__(kSeqThreads, 4)
   store_channel_state(p, b, d, N, dim, row_ok, h);
 }
 
+// ---- cluster-segmented variant (variant 5, sm_90 and later) -----------------------------------
+// The segmented scan with one time segment per warp: warp w of block r in a thread-block cluster
+// runs segment r * warps + w of the same 32 channels (lane = channel). Against variant 3, whose
+// 128-thread block holds all S segments of 128 / S channels (at S = 32 a warp spans 8 segments and
+// every block stages B/C of all 32), each warp here stages only its own segment's B/C tile (lanes
+// 0-15 a state of B, 16-31 a state of C) into its own double buffer, so the tile loop needs no
+// block barrier (one __syncwarp per tile), every shared-memory read of B/C is a broadcast to the
+// whole warp, and the staging per state step is 4 / S of variant 3's (1/8 at S = 32).
+// The segments of a channel span the cluster (S / 4 blocks, at most 8: the portable cluster size),
+// so the combine between the passes reads the other blocks' end states through distributed shared
+// memory. Launched only on sm_90 and later (the sm_87 build has an empty body; Orin's 16 SMs are
+// filled by a few segments, where variant 3's block-wide staging costs little). Measured on an
+// H100 (docs/benchmarks.md): 1.07-1.18x faster than variant 3 at the heuristic's S > 1.
+constexpr int kClusterWarps = 4;    // segments per block (one per warp) when S >= 4
+constexpr int kClusterMaxSize = 8;  // blocks per cluster: the portable limit
+constexpr int kClusterChannels = 32;
+constexpr int kWarpCOffset = kSeqTile * kSeqStates + 16;  // C after B, at the other 16 banks
+constexpr int kWarpBufFloats = 2 * kWarpCOffset;           // one tile of B and C
+constexpr int kEndStride = kSeqStates + 1;                  // end-state rows, conflict-free stores
+static_assert(kSeqMaxSegs / kClusterWarps <= kClusterMaxSize, "S segments fit one cluster");
+
+// Dynamic shared memory for `warps` warps: two tile buffers per warp, then the end states
+// [warps][32][kEndStride] and the sums of dt [warps][32] that the combine reads.
+size_t cluster_smem_bytes(int warps) {
+  return sizeof(float) * static_cast<size_t>(warps) *
+         (2 * kWarpBufFloats + kClusterChannels * (kEndStride + 1));
+}
+
+// One warp's B/C staging: lane l holds the kSeqTile-token run of state l % 16 of B (l < 16) or C
+// (l >= 16, skipped in pass 1), raw from the fetch (issued a tile ahead) to the store.
+template <typename Tin>
+struct WarpStage {
+  Tin v[kSeqTile];
+
+  __device__ __forceinline__ static int lane() { return static_cast<int>(threadIdx.x) % 32; }
+
+  __device__ __forceinline__ void fetch(const ScanArgs& p, int64_t boff, bool with_c, int t0) {
+    const int n = lane() % kSeqStates, j = lane() / kSeqStates;
+    const int valid = (j == 0 || with_c) && n < p.dstate ? p.seqlen - t0 : 0;
+    const int64_t off = valid > 0 ? static_cast<int64_t>(n) * p.seqlen + t0 : 0;
+    fetch_run<Tin, kSeqTile>(static_cast<const Tin*>(j == 1 ? p.Cm : p.Bm) + boff + off, valid, v);
+  }
+
+  // Stores the run, dequantized, into buf[token][state] (B) or buf[kWarpCOffset + ...] (C).
+  __device__ __forceinline__ void put(float* buf, bool with_c, float B_scale, float C_scale) const {
+    const int n = lane() % kSeqStates, j = lane() / kSeqStates;
+    if (j == 1 && !with_c) return;
+    float* dst = buf + j * kWarpCOffset + n;
+    const float scale = j == 1 ? C_scale : B_scale;
+#pragma unroll
+    for (int i = 0; i < kSeqTile; ++i) dst[i * kSeqStates] = dequant(v[i], scale);
+  }
+};
+
+// Walks the warp's segment [tok0, tok0 + ntiles * kSeqTile) from state h. Pass 1 (!kOutput) only
+// advances h and returns the segment's sum of dt; pass 2 writes y (and reads z).
+template <typename Tin, typename Tout, bool kOutput>
+__device__ __forceinline__ float cluster_pass(const ScanArgs& p, const SeqChannel& ch, float* bufs,
+                                              int64_t boff, int64_t row_off, bool row_ok, int tok0,
+                                              int ntiles, float (&h)[kSeqStates]) {
+  WarpStage<Tin> st;
+  SeqTok<Tin> tk;
+  float sum_dt = 0.f;
+  st.fetch(p, boff, kOutput, tok0);
+  seq_fetch_tok<Tin>(tk, p, row_off, tok0, row_ok);
+  for (int tile = 0; tile < ntiles; ++tile) {
+    const int tok = tok0 + tile * kSeqTile;
+    float* buf = bufs + (tile & 1) * kWarpBufFloats;
+    // The other lanes finished reading this buffer (tile - 2) before the previous __syncwarp.
+    st.put(buf, kOutput, ch.Bscale, ch.Cscale);
+    __syncwarp();
+    float dt[kSeqTile], uu[kSeqTile], y[kSeqTile];
+    seq_dt_u<Tin, ScanMath::kMixed>(tk, p, tok, row_ok, ch, dt, uu);
+    if (tile + 1 < ntiles) {  // the next tile's loads, hidden behind this tile's math
+      st.fetch(p, boff, kOutput, tok + kSeqTile);
+      seq_fetch_tok<Tin>(tk, p, row_off, tok + kSeqTile, row_ok);
+    }
+    if constexpr (kOutput) {
+      const int valid = row_ok ? p.seqlen - tok : 0;
+      const Tin* z = static_cast<const Tin*>(p.z);
+      Tin zr[kSeqTile];
+      if (z != nullptr) fetch_run<Tin, kSeqTile>(z + row_off + tok, valid, zr);
+#pragma unroll
+      for (int i = 0; i < kSeqTile; ++i) y[i] = ch.Dv * uu[i];
+      seq_tile<true>(h, ch.A2, dt, uu, buf, buf + kWarpCOffset, y);
+      if (valid > 0) {
+        if (z != nullptr) {
+#pragma unroll
+          for (int i = 0; i < kSeqTile; ++i) y[i] *= mixed_silu(dequant(zr[i], ch.zscale));
+        }
+        store_run<Tout, kSeqTile>(static_cast<Tout*>(p.y) + row_off + tok, valid, y);
+      }
+    } else {
+      seq_tile<false>(h, ch.A2, dt, uu, buf, buf + kWarpCOffset, y);
+#pragma unroll
+      for (int i = 0; i < kSeqTile; ++i) sum_dt += dt[i];
+    }
+  }
+  return sum_dt;
+}
+
+template <typename Tin, typename Tout>
+__global__ void __launch_bounds__(kClusterWarps * 32, 4)
+    selective_scan_cluster_kernel(const ScanArgs p, int segs, int seg_len) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  extern __shared__ __align__(16) float sm[];
+  const cg::cluster_group cluster = cg::this_cluster();
+  const int N = p.dstate, L = p.seqlen, dim = p.dim;
+  const int warps = static_cast<int>(blockDim.x) / 32, csize = segs / warps;
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int seg = rank * warps + warp;
+  const int groups = (dim + kClusterChannels - 1) / kClusterChannels;
+  const int cl = static_cast<int>(blockIdx.x) / csize;  // (batch, channel group) of the cluster
+  const int b = cl / groups, d0 = (cl % groups) * kClusterChannels, d = d0 + lane;
+  const bool row_ok = d < dim;
+  const int dc = row_ok ? d : dim - 1;
+  const int64_t row_off = (static_cast<int64_t>(b) * dim + dc) * L;
+  const int64_t boff = static_cast<int64_t>(b) * N * L;
+  const SeqChannel ch(p, dc);
+  float* bufs = sm + warp * 2 * kWarpBufFloats;
+  float* hend = sm + warps * 2 * kWarpBufFloats;  // [warps][32][kEndStride], then h_in in place
+  float* sdt = hend + warps * kClusterChannels * kEndStride;  // [warps][32]
+  const int tok0 = seg * seg_len, ntiles = seg_len / kSeqTile;
+
+  // pass 1: every segment but the last from a zero state: its end state and sum of dt
+  float h[kSeqStates];
+#pragma unroll
+  for (int n = 0; n < kSeqStates; ++n) h[n] = 0.f;
+  if (seg < segs - 1) {
+    const float sum_dt = cluster_pass<Tin, Tout, false>(p, ch, bufs, boff, row_off, row_ok, tok0,
+                                                        ntiles, h);
+    float* mine = hend + (warp * kClusterChannels + lane) * kEndStride;
+#pragma unroll
+    for (int n = 0; n < kSeqStates; ++n) mine[n] = h[n];
+    sdt[warp * kClusterChannels + lane] = sum_dt;
+  }
+  cluster.sync();
+  // combine: per (channel, state), h_in[s+1] = exp(A * sum_dt[s]) * h_in[s] + h_end[s] from the
+  // initial state, spread over the cluster's threads; h_in replaces h_end in the owner's memory.
+  // The remote loads of kFold segments are issued before their fold (each is a cluster round trip).
+  constexpr int kFold = 8;
+  for (int pair = rank * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x);
+       pair < kClusterChannels * kSeqStates; pair += csize * static_cast<int>(blockDim.x)) {
+    const int cc = pair / kSeqStates, n = pair % kSeqStates, dd = d0 + cc;
+    const bool ok = dd < dim && n < N;
+    const float a2 = ok ? p.A[static_cast<int64_t>(dd) * N + n] * kLog2e : 0.f;
+    float hh = ok && p.initial_state != nullptr
+                   ? p.initial_state[(static_cast<int64_t>(b) * dim + dd) * N + n]
+                   : 0.f;
+    for (int s0 = 0; s0 < segs; s0 += kFold) {
+      float end[kFold], decay[kFold];
+#pragma unroll
+      for (int i = 0; i < kFold; ++i) {
+        const int s2 = s0 + i, w2 = s2 % warps;
+        const bool carried = s2 < segs - 1;  // (the last segment's end state is not needed)
+        const float* base = cluster.map_shared_rank(hend, carried ? s2 / warps : 0);
+        end[i] = carried ? base[(w2 * kClusterChannels + cc) * kEndStride + n] : 0.f;
+        decay[i] = carried ? base[warps * kClusterChannels * kEndStride + w2 * kClusterChannels + cc] : 0.f;
+      }
+#pragma unroll
+      for (int i = 0; i < kFold; ++i) {
+        const int s2 = s0 + i;
+        if (s2 >= segs) break;
+        cluster.map_shared_rank(hend, s2 / warps)[((s2 % warps) * kClusterChannels + cc) * kEndStride + n] = hh;
+        hh = fmaf(fast_exp2(a2 * decay[i]), hh, end[i]);
+      }
+    }
+  }
+  cluster.sync();
+  const float* hin = hend + (warp * kClusterChannels + lane) * kEndStride;
+#pragma unroll
+  for (int n = 0; n < kSeqStates; ++n) h[n] = hin[n];
+
+  // pass 2: the segment from its true initial state, producing y
+  cluster_pass<Tin, Tout, true>(p, ch, bufs, boff, row_off, row_ok, tok0, ntiles, h);
+  store_channel_state(p, b, d, N, dim, seg == segs - 1 && row_ok, h);
+#endif
+}
+
 // ---- variant selection ------------------------------------------------------------------------
 // Benchmark/tuning override (essm_tuning_set_scan_variant): 0 = heuristic.
 int g_scan_variant = 0;
@@ -788,6 +973,31 @@ cudaError_t launch_seq1(const ScanArgs& a, cudaStream_t stream) {
 }
 
 template <typename Tin, typename Tout>
+cudaError_t launch_seq_cluster(const ScanArgs& a, int segs, cudaStream_t stream) {
+  const int warps = segs < kClusterWarps ? segs : kClusterWarps;
+  const int csize = segs / warps;
+  const int64_t blocks = static_cast<int64_t>(a.batch) *
+                         ((a.dim + kClusterChannels - 1) / kClusterChannels) * csize;
+  if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = static_cast<unsigned>(csize);
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(blocks));
+  config.blockDim = dim3(static_cast<unsigned>(warps * 32));
+  config.dynamicSmemBytes = cluster_smem_bytes(warps);
+  config.stream = stream;
+  config.attrs = &attr;
+  config.numAttrs = 1;
+  const cudaError_t err = cudaLaunchKernelEx(&config, selective_scan_cluster_kernel<Tin, Tout>, a,
+                                             segs, seq_segment_length(a.seqlen, segs));
+  const cudaError_t last = launch_status();
+  return err != cudaSuccess ? err : last;
+}
+
+template <typename Tin, typename Tout>
 cudaError_t run_scan(const ScanArgs& a, cudaStream_t stream) {
   int dev = 0, sms = 0;
   cudaError_t err = cudaGetDevice(&dev);
@@ -795,14 +1005,22 @@ cudaError_t run_scan(const ScanArgs& a, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   int variant = g_scan_variant;
   if (variant >= 3 && a.dstate > kSeqStates) variant = 0;
-  if (variant == 0 && a.dstate <= kSeqStates) variant = 3;
+  // dstate <= 16: the cluster-segmented scan on sm_90 and later, the segmented one below
+  // (variant 5 falls back to 3), each with seq_segments' count; one segment runs variant 4.
+  if (variant == 0 && a.dstate <= kSeqStates) variant = 5;
   if (variant == 4) return launch_seq1<Tin, Tout>(a, stream);
-  if (variant == 3) {
+  if (variant == 3 || variant == 5) {
     const bool forced = g_scan_segments >= 1 && g_scan_segments <= kSeqMaxSegs &&
                         (g_scan_segments & (g_scan_segments - 1)) == 0;
     const int segs = forced ? g_scan_segments : seq_segments(a, sms);
     // One segment (batch * dim fills the GPU): the one-barrier kernel, unless S is forced.
-    if (segs == 1 && !forced) return launch_seq1<Tin, Tout>(a, stream);
+    if (segs == 1 && !(forced && variant == 3)) return launch_seq1<Tin, Tout>(a, stream);
+    if (variant == 5) {
+      int major = 0;
+      err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+      if (err != cudaSuccess) return err;
+      if (major >= 9) return launch_seq_cluster<Tin, Tout>(a, segs, stream);
+    }
     return launch_seq<Tin, Tout>(a, segs, stream);
   }
   if (variant != 1 && variant != 2) {
@@ -882,10 +1100,12 @@ bool scan_scales_ok(essm_dtype in, const essm_scan_scales* s) {
 // Not part of kernels.h: lets the harness and the benchmark force a prefill-scan variant.
 // variant 0 = heuristic, 1/2 = chunked parallel scan with 1/2 channels per thread, 3 = segmented
 // sequential scan with `segments` segments (a power of two <= 32; 0 = the heuristic's count, which
-// at one segment runs variant 4), 4 = the single-segment one-barrier kernel (3 and 4: dstate <= 16).
+// at one segment runs variant 4), 4 = the single-segment one-barrier kernel, 5 = the
+// cluster-segmented scan with `segments` segments (0 = the heuristic's count; one segment runs
+// variant 4, and below sm_90 variant 3 runs instead) (3, 4 and 5: dstate <= 16).
 // Returns the variant now in force.
 extern "C" int essm_tuning_set_scan_variant(int variant, int segments) {
-  essm::g_scan_variant = (variant >= 1 && variant <= 4) ? variant : 0;
+  essm::g_scan_variant = (variant >= 1 && variant <= 5) ? variant : 0;
   essm::g_scan_segments = segments;
   return essm::g_scan_variant;
 }
