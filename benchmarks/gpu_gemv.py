@@ -174,7 +174,8 @@ def bench_row(n: int, k: int, m: int, impl: str, args: argparse.Namespace, l2_by
         outs = [call(x, t) for t in copies]
     graph.replay()
     torch.cuda.synchronize()
-    if not torch.equal(outs[0], outs[-1]):
+    # (only the plain columns: the warm-up shifted the first copies' conv states once more than the others')
+    if not torch.equal(outs[0][:, plain], outs[-1][:, plain]):
         raise RuntimeError("the copies of the weights gave different outputs")
     t = time_steps(graph.replay, args.replays, args.warmup)
     row.update(copies=ncopies, us_per_call=1e3 * t["ms_per_token"] / ncopies, p10_us=1e3 * t["p10_ms"] / ncopies,

@@ -30,7 +30,7 @@ for regex in "$@"; do
   echo "== $n: $regex"
   rep="$OUT/$n"
   if timeout 240 ncu --section SourceCounters --section WarpStateStats --section InstructionStats \
-      --section LaunchStats --import-source no -k "regex:$regex" -c 1 -f -o "$rep" \
+      --section LaunchStats --section ComputeWorkloadAnalysis --section SpeedOfLight --import-source no -k "regex:$regex" -c 1 -f -o "$rep" \
       "$PYTHON" plugins/harness/bench_kernels.py --lib "$dir/libedgessm_kernels.so" --profile > "$rep.txt" 2>&1; then
     ncu -i "$rep.ncu-rep" --print-details all >> "$rep.txt" 2>&1
     ncu -i "$rep.ncu-rep" --page source --print-source sass --csv > "$rep.csv" 2>> "$rep.txt" || status=1
