@@ -105,13 +105,20 @@ __device__ __forceinline__ float mixed_silu(float x) {
   return x * fma_rcp(1.f + fast_exp2(fminf(-x * kLog2e, 125.f)));
 }
 
-// How the per-(token, channel) softplus of delta is computed (variant 3; variants 4 and 5: mixed).
+// How the per-(token, channel) softplus of delta and SiLU of z are computed (variant 3; variants 4
+// and 5: mixed).
 enum class ScanMath { kSfu, kMixed };
 
 template <ScanMath M>
 __device__ __forceinline__ float scan_softplus(float x) {
   if constexpr (M == ScanMath::kMixed) return mixed_softplus(x);
   return fast_softplus(x);
+}
+
+template <ScanMath M>
+__device__ __forceinline__ float scan_silu(float x) {
+  if constexpr (M == ScanMath::kMixed) return mixed_silu(x);
+  return fast_silu(x);
 }
 
 // Shared memory: A*log2(e) [R][N], carry [2][N][R] (double-buffered by chunk parity), warp
@@ -471,13 +478,51 @@ __device__ __forceinline__ void seq_tile(float (&h)[kSeqStates], const float (&A
   }
 }
 
+// One output tile of the sequential kernels: advances h over the tile (seq_tile) and stores
+// y = D u + sum_n h_n C_n, gated by SiLU(z) in the kMath form. z's loads are issued before the
+// tile's math so that their latency hides behind it.
+template <typename Tin, typename Tout, ScanMath kMath>
+__device__ __forceinline__ void seq_output_tile(const ScanArgs& p, const SeqChannel& ch,
+                                                int64_t row_off, int tok, bool row_ok,
+                                                float (&h)[kSeqStates], const float (&dt)[kSeqTile],
+                                                const float (&uu)[kSeqTile], const float* Bs,
+                                                const float* Cs) {
+  const int valid = row_ok ? p.seqlen - tok : 0;
+  const Tin* z = static_cast<const Tin*>(p.z);
+  Tin zr[kSeqTile];
+  if (z != nullptr) fetch_run<Tin, kSeqTile>(z + row_off + tok, valid, zr);
+  float y[kSeqTile];
+#pragma unroll
+  for (int i = 0; i < kSeqTile; ++i) y[i] = ch.Dv * uu[i];
+  seq_tile<true>(h, ch.A2, dt, uu, Bs, Cs, y);
+  if (valid > 0) {
+    if (z != nullptr) {
+#pragma unroll
+      for (int i = 0; i < kSeqTile; ++i) y[i] *= scan_silu<kMath>(dequant(zr[i], ch.zscale));
+    }
+    store_run<Tout, kSeqTile>(static_cast<Tout*>(p.y) + row_off + tok, valid, y);
+  }
+}
+
+// What the segment combines start from for state n of channel dd (batch b): x = A * log2(e), y =
+// the initial state; both 0 for a channel past dim or a state past dstate (y also without one).
+__device__ __forceinline__ float2 combine_start(const ScanArgs& p, int b, int dd, int n) {
+  const int N = p.dstate;
+  const bool ok = dd < p.dim && n < N;
+  const float a2 = ok ? p.A[static_cast<int64_t>(dd) * N + n] * kLog2e : 0.f;
+  const float h0 = ok && p.initial_state != nullptr
+                       ? p.initial_state[(static_cast<int64_t>(b) * p.dim + dd) * N + n]
+                       : 0.f;
+  return make_float2(a2, h0);
+}
+
 // The S > 1 combine between the two passes, h = this thread's segment end state from a zero state
 // on entry and its true initial state on return: h_in[s+1] = exp(A * sum_dt[s]) * h_in[s] +
 // h_end[s], h_in[0] = initial state. Uses the first (2 * kSeqStates + 1) * kSeqThreads floats of
 // `sm`; the caller synchronizes before (tile reads done) and after (before reusing `sm`).
 __device__ __forceinline__ void seq_combine(float* sm, float (&h)[kSeqStates], float sum_dt,
                                             const ScanArgs& p, int segs, int b, int d0) {
-  const int tid = threadIdx.x, CH = kSeqThreads / segs, N = p.dstate, dim = p.dim;
+  const int tid = threadIdx.x, CH = kSeqThreads / segs;
   float* hend = sm;
   float* hin = hend + kSeqThreads * kSeqStates;
   float* sdt = hin + kSeqThreads * kSeqStates;
@@ -487,11 +532,9 @@ __device__ __forceinline__ void seq_combine(float* sm, float (&h)[kSeqStates], f
   __syncthreads();
   for (int idx = tid; idx < CH * kSeqStates; idx += kSeqThreads) {
     const int cc = idx / kSeqStates, n = idx % kSeqStates, dd = d0 + cc;
-    const bool ok = dd < dim && n < N;
-    const float a2 = ok ? p.A[static_cast<int64_t>(dd) * N + n] * kLog2e : 0.f;
-    float hh = ok && p.initial_state != nullptr
-                   ? p.initial_state[(static_cast<int64_t>(b) * dim + dd) * N + n]
-                   : 0.f;
+    const float2 start = combine_start(p, b, dd, n);
+    const float a2 = start.x;
+    float hh = start.y;
     for (int s2 = 0; s2 < segs; ++s2) {
       const int t2 = s2 * CH + cc;  // thread index of (cc, s2)
       hin[t2 * kSeqStates + n] = hh;
@@ -564,14 +607,11 @@ __global__ void __launch_bounds__(kSeqThreads)
   }
 
   // pass 2: the scan from the true initial state, producing y
-  Tout* yout = static_cast<Tout*>(p.y);
-  const Tin* z = static_cast<const Tin*>(p.z);
   seq_fetch<Tin, kIters>(st, true, Bb, Cb, N, L, segs, seg_len, 0);
   seq_fetch_tok<Tin>(tk, p, row_off, tok0, row_ok);
   for (int tile = 0; tile < ntiles; ++tile) {
     const int tok = tok0 + tile * kSeqTile;
-    const int valid = row_ok ? L - tok : 0;
-    float dt[kSeqTile], uu[kSeqTile], y[kSeqTile];
+    float dt[kSeqTile], uu[kSeqTile];
     __syncthreads();  // every thread is done reading the previous tile (or the combine's h_in)
     seq_put<Tin, kIters>(Bs, Cs, st, true, ch.Bscale, ch.Cscale, segs);
     seq_dt_u<Tin>(tk, p, tok, row_ok, ch, dt, uu);
@@ -580,18 +620,7 @@ __global__ void __launch_bounds__(kSeqThreads)
       seq_fetch<Tin, kIters>(st, true, Bb, Cb, N, L, segs, seg_len, (tile + 1) * kSeqTile);
       seq_fetch_tok<Tin>(tk, p, row_off, tok + kSeqTile, row_ok);
     }
-    Tin zr[kSeqTile];  // issued before the tile's math so that its latency hides behind it
-    if (z != nullptr) fetch_run<Tin, kSeqTile>(z + row_off + tok, valid, zr);
-#pragma unroll
-    for (int i = 0; i < kSeqTile; ++i) y[i] = ch.Dv * uu[i];
-    seq_tile<true>(h, ch.A2, dt, uu, Bmine, Cmine, y);
-    if (valid > 0) {
-      if (z != nullptr) {
-#pragma unroll
-        for (int i = 0; i < kSeqTile; ++i) y[i] *= fast_silu(dequant(zr[i], ch.zscale));
-      }
-      store_run<Tout, kSeqTile>(yout + row_off + tok, valid, y);
-    }
+    seq_output_tile<Tin, Tout, ScanMath::kSfu>(p, ch, row_off, tok, row_ok, h, dt, uu, Bmine, Cmine);
   }
   store_channel_state(p, b, d, N, dim, seg == segs - 1 && row_ok, h);
 }
@@ -614,8 +643,8 @@ __global__ void __launch_bounds__(kSeqThreads)
 //    that unit. (Moving the exponentials to the FMA pipe too was measured slower: it costs ~23
 //    issue slots per (token, channel) more than it saves.)
 // Tiles stay at kSeqTile = 8 tokens: 16 did not fit 128 registers (4 blocks per SM). At 128, sm_87
-// spills one register of the int8-input, 16-bit-output instantiations (stored before the tile loop,
-// reloaded after it); sm_90 does not spill.
+// spills one register of the 16-bit io instantiations (stored before the tile loop, reloaded after
+// it); sm_90 does not spill.
 
 // Tile memory: [2 buffers][B, C][kSeqSegStride].
 constexpr size_t kSeq1SmemBytes = sizeof(float) * 2 * 2 * kSeqSegStride;
@@ -673,8 +702,6 @@ __global__ void __launch_bounds__(kSeqThreads, 4)
   const int64_t boff = static_cast<int64_t>(b) * N * L;  // of the batch's B/C rows
   constexpr int kBufFloats = 2 * kSeqSegStride;
   const int ntiles = (L + kSeqTile - 1) / kSeqTile;
-  Tout* yout = static_cast<Tout*>(p.y);
-  const Tin* z = static_cast<const Tin*>(p.z);
 
   float h[kSeqStates];
   load_channel_state(p, b, d, N, dim, row_ok, h);
@@ -688,9 +715,8 @@ __global__ void __launch_bounds__(kSeqThreads, 4)
   __syncthreads();
   for (int tile = 0; tile < ntiles; ++tile) {
     const int tok = tile * kSeqTile;
-    const int valid = row_ok ? L - tok : 0;
     const float* cur = sm + (tile & 1) * kBufFloats;
-    float dt[kSeqTile], uu[kSeqTile], y[kSeqTile];
+    float dt[kSeqTile], uu[kSeqTile];
     seq_dt_u<Tin, ScanMath::kMixed>(tk, p, tok, row_ok, ch, dt, uu);
     // The next tile's loads and stores go before this tile's math so that their latency hides
     // behind it; the other buffer's readers finished before the previous tile's barrier.
@@ -699,18 +725,8 @@ __global__ void __launch_bounds__(kSeqThreads, 4)
       st.put(sm + ((tile + 1) & 1) * kBufFloats, ch.Bscale, ch.Cscale);
       if (tile + 2 < ntiles) st.fetch(p, boff, N, L, (tile + 2) * kSeqTile);
     }
-    Tin zr[kSeqTile];
-    if (z != nullptr) fetch_run<Tin, kSeqTile>(z + row_off + tok, valid, zr);
-#pragma unroll
-    for (int i = 0; i < kSeqTile; ++i) y[i] = ch.Dv * uu[i];
-    seq_tile<true>(h, ch.A2, dt, uu, cur, cur + kSeqSegStride, y);
-    if (valid > 0) {
-      if (z != nullptr) {
-#pragma unroll
-        for (int i = 0; i < kSeqTile; ++i) y[i] *= mixed_silu(dequant(zr[i], ch.zscale));
-      }
-      store_run<Tout, kSeqTile>(yout + row_off + tok, valid, y);
-    }
+    seq_output_tile<Tin, Tout, ScanMath::kMixed>(p, ch, row_off, tok, row_ok, h, dt, uu, cur,
+                                                 cur + kSeqSegStride);
     __syncthreads();  // this tile's buffer is free, the next one is complete
   }
   store_channel_state(p, b, d, N, dim, row_ok, h);
@@ -787,29 +803,18 @@ __device__ __forceinline__ float cluster_pass(const ScanArgs& p, const SeqChanne
     // The other lanes finished reading this buffer (tile - 2) before the previous __syncwarp.
     st.put(buf, kOutput, ch.Bscale, ch.Cscale);
     __syncwarp();
-    float dt[kSeqTile], uu[kSeqTile], y[kSeqTile];
+    float dt[kSeqTile], uu[kSeqTile];
     seq_dt_u<Tin, ScanMath::kMixed>(tk, p, tok, row_ok, ch, dt, uu);
     if (tile + 1 < ntiles) {  // the next tile's loads, hidden behind this tile's math
       st.fetch(p, boff, kOutput, tok + kSeqTile);
       seq_fetch_tok<Tin>(tk, p, row_off, tok + kSeqTile, row_ok);
     }
     if constexpr (kOutput) {
-      const int valid = row_ok ? p.seqlen - tok : 0;
-      const Tin* z = static_cast<const Tin*>(p.z);
-      Tin zr[kSeqTile];
-      if (z != nullptr) fetch_run<Tin, kSeqTile>(z + row_off + tok, valid, zr);
-#pragma unroll
-      for (int i = 0; i < kSeqTile; ++i) y[i] = ch.Dv * uu[i];
-      seq_tile<true>(h, ch.A2, dt, uu, buf, buf + kWarpCOffset, y);
-      if (valid > 0) {
-        if (z != nullptr) {
-#pragma unroll
-          for (int i = 0; i < kSeqTile; ++i) y[i] *= mixed_silu(dequant(zr[i], ch.zscale));
-        }
-        store_run<Tout, kSeqTile>(static_cast<Tout*>(p.y) + row_off + tok, valid, y);
-      }
+      seq_output_tile<Tin, Tout, ScanMath::kMixed>(p, ch, row_off, tok, row_ok, h, dt, uu, buf,
+                                                   buf + kWarpCOffset);
     } else {
-      seq_tile<false>(h, ch.A2, dt, uu, buf, buf + kWarpCOffset, y);
+      float unused[kSeqTile];
+      seq_tile<false>(h, ch.A2, dt, uu, buf, buf + kWarpCOffset, unused);
 #pragma unroll
       for (int i = 0; i < kSeqTile; ++i) sum_dt += dt[i];
     }
@@ -862,11 +867,9 @@ __global__ void __launch_bounds__(kClusterWarps * 32, 4)
   for (int pair = rank * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x);
        pair < kClusterChannels * kSeqStates; pair += csize * static_cast<int>(blockDim.x)) {
     const int cc = pair / kSeqStates, n = pair % kSeqStates, dd = d0 + cc;
-    const bool ok = dd < dim && n < N;
-    const float a2 = ok ? p.A[static_cast<int64_t>(dd) * N + n] * kLog2e : 0.f;
-    float hh = ok && p.initial_state != nullptr
-                   ? p.initial_state[(static_cast<int64_t>(b) * dim + dd) * N + n]
-                   : 0.f;
+    const float2 start = combine_start(p, b, dd, n);
+    const float a2 = start.x;
+    float hh = start.y;
     for (int s0 = 0; s0 < segs; s0 += kFold) {
       float end[kFold], decay[kFold];
 #pragma unroll
@@ -1016,10 +1019,10 @@ cudaError_t run_scan(const ScanArgs& a, cudaStream_t stream) {
     // One segment (batch * dim fills the GPU): the one-barrier kernel, unless S is forced.
     if (segs == 1 && !(forced && variant == 3)) return launch_seq1<Tin, Tout>(a, stream);
     if (variant == 5) {
-      int major = 0;
-      err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+      int clusters = 0;  // thread-block clusters: sm_90 and later
+      err = cudaDeviceGetAttribute(&clusters, cudaDevAttrClusterLaunch, dev);
       if (err != cudaSuccess) return err;
-      if (major >= 9) return launch_seq_cluster<Tin, Tout>(a, segs, stream);
+      if (clusters != 0) return launch_seq_cluster<Tin, Tout>(a, segs, stream);
     }
     return launch_seq<Tin, Tout>(a, segs, stream);
   }
