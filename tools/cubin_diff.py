@@ -63,13 +63,12 @@ def find_cuobjdump() -> tuple[str, dict[str, str]]:
     sys.exit("cubin_diff: cuobjdump not found (the CUDA toolkit, pip install nvidia-cuda-cuobjdump, or Triton)")
 
 
-def kernels(cubin: Path) -> dict[str, Kernel]:
-    """Kernel name -> its SASS instructions (predicate dropped) in address order."""
-    tool, env = find_cuobjdump()
-    res = subprocess.run([tool, "-sass", str(cubin)], capture_output=True, text=True, env=env, check=True)
+def parse_sass(text: str) -> dict[str, Kernel]:
+    """Kernel name (anonymous-namespace hash dropped) -> its SASS instructions, predicates dropped, in
+    address order, from cuobjdump -sass output (addresses of any width: long kernels pass 0xffff)."""
     out: dict[str, Kernel] = {}
     current: Kernel | None = None
-    for line in res.stdout.splitlines():
+    for line in text.splitlines():
         m = re.match(r"\s+Function : (\S+)", line)
         if m:
             current = out.setdefault(ANON_NAMESPACE.sub("_GLOBAL__N_", m.group(1)), [])
@@ -78,6 +77,12 @@ def kernels(cubin: Path) -> dict[str, Kernel]:
         if m and current is not None:
             current.append(m.group(1))
     return out
+
+
+def kernels(cubin: Path) -> dict[str, Kernel]:
+    tool, env = find_cuobjdump()
+    res = subprocess.run([tool, "-sass", str(cubin)], capture_output=True, text=True, env=env, check=True)
+    return parse_sass(res.stdout)
 
 
 def opcode(instruction: str) -> str:
