@@ -173,7 +173,7 @@ def sass_mix(cubin: bytes) -> str:
         res = subprocess.run([cuobjdump, "-sass", str(Path(d) / "k.cubin")], capture_output=True, text=True, env=env)
     mix: collections.Counter = collections.Counter()
     for line in res.stdout.splitlines():
-        m = re.match(r"\s+/\*[0-9a-f]{4}\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_]+)", line)
+        m = re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_]+)", line)
         if m:
             mix[m.group(2)] += 1
     if not mix:
