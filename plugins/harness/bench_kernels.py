@@ -51,7 +51,7 @@ EAGER_REPS = 3
 SCAN_VARIANTS = {(0, 0): "auto", (1, 0): "chunked/r1", (2, 0): "chunked/r2", (3, 1): "seq/S1", (3, 2): "seq/S2",
                  (3, 4): "seq/S4", (3, 8): "seq/S8", (3, 16): "seq/S16", (3, 32): "seq/S32", (4, 0): "seq1",
                  (5, 2): "cluster/S2", (5, 4): "cluster/S4", (5, 8): "cluster/S8", (5, 16): "cluster/S16",
-                 (5, 32): "cluster/S32"}
+                 (5, 32): "cluster/S32", (6, 2): "single-block/S2", (6, 4): "single-block/S4"}
 
 
 @dataclass

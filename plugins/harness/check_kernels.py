@@ -51,8 +51,8 @@ QUANT_OUT = (ESSM_F16, ESSM_F32, ESSM_BF16)  # out dtypes tested with int8 input
 # Prefill-scan variants (essm_tuning_set_scan_variant): (variant, segments) -> label.
 SCAN_VARIANTS = {(0, 0): "auto", (1, 0): "chunked/r1", (2, 0): "chunked/r2", (3, 1): "seq/S1", (3, 4): "seq/S4",
                  (3, 32): "seq/S32", (4, 0): "seq1", (5, 0): "cluster", (5, 2): "cluster/S2", (5, 8): "cluster/S8",
-                 (5, 32): "cluster/S32"}
-SEQ_MAX_STATE = 16  # the sequential variants (3, 4, 5) handle dstate <= 16
+                 (5, 32): "cluster/S32", (6, 2): "single-block/S2", (6, 4): "single-block/S4"}
+SEQ_MAX_STATE = 16  # the sequential variants (3-6) handle dstate <= 16
 
 
 @dataclass

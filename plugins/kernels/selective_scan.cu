@@ -732,7 +732,7 @@ __global__ void __launch_bounds__(kSeqThreads, 4)
   store_channel_state(p, b, d, N, dim, row_ok, h);
 }
 
-// ---- cluster-segmented variant (variant 5, sm_90 and later) -----------------------------------
+// ---- cluster-segmented variant (variant 5) ----------------------------------------------------
 // The segmented scan with one time segment per warp: warp w of block r in a thread-block cluster
 // runs segment r * warps + w of the same 32 channels (lane = channel). Against variant 3, whose
 // 128-thread block holds all S segments of 128 / S channels (at S = 32 a warp spans 8 segments and
@@ -740,11 +740,12 @@ __global__ void __launch_bounds__(kSeqThreads, 4)
 // 0-15 a state of B, 16-31 a state of C) into its own double buffer, so the tile loop needs no
 // block barrier (one __syncwarp per tile), every shared-memory read of B/C is a broadcast to the
 // whole warp, and the staging per state step is 4 / S of variant 3's (1/8 at S = 32).
-// The segments of a channel span the cluster (S / 4 blocks, at most 8: the portable cluster size),
-// so the combine between the passes reads the other blocks' end states through distributed shared
-// memory. Launched only on sm_90 and later (the sm_87 build has an empty body; Orin's 16 SMs are
-// filled by a few segments, where variant 3's block-wide staging costs little). Measured on an
-// H100 (docs/benchmarks.md): 1.07-1.18x faster than variant 3 at the heuristic's S > 1.
+// For S > 4 the segments of a channel span a cluster (S / 4 blocks, at most 8: the portable cluster
+// size; sm_90 and later), so the combine between the passes reads the other blocks' end states
+// through distributed shared memory; for S <= 4 one block holds them all and runs on any GPU (Jetson
+// Orin's 16 SMs are filled by S <= 4 at batch 1). Measured on an H100 (docs/benchmarks.md):
+// 1.07-1.18x faster than variant 3 at the heuristic's S > 1, and faster at S = 2 and 4 in 15 of 16
+// benchmarked rows.
 constexpr int kClusterWarps = 4;    // segments per block (one per warp) when S >= 4
 constexpr int kClusterMaxSize = 8;  // blocks per cluster: the portable limit
 constexpr int kClusterChannels = 32;
@@ -822,17 +823,50 @@ __device__ __forceinline__ float cluster_pass(const ScanArgs& p, const SeqChanne
   return sum_dt;
 }
 
-template <typename Tin, typename Tout>
+// The blocks that hold one channel group's segments. kClusters: a thread-block cluster (sm_90 and
+// later; every launch of that form has the cluster attribute, of size 1 where S <= 4); otherwise one
+// block (S <= 4, launched without clusters: the form GPUs without clusters run, e.g. Jetson Orin).
+// sync() is the barrier between the passes and the combine; smem(p, r) is shared-memory address p
+// in block r of the group.
+template <bool kClusters>
+struct SegmentBlocks {
+  __device__ static int rank() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if constexpr (kClusters) return static_cast<int>(cooperative_groups::this_cluster().block_rank());
+#endif
+    return 0;
+  }
+
+  __device__ static void sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if constexpr (kClusters) {
+      cooperative_groups::this_cluster().sync();
+      return;
+    }
+#endif
+    __syncthreads();
+  }
+
+  __device__ static float* smem(float* p, int r) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if constexpr (kClusters) return cooperative_groups::this_cluster().map_shared_rank(p, r);
+#endif
+    return p;
+  }
+};
+
+template <typename Tin, typename Tout, bool kClusters>
 __global__ void __launch_bounds__(kClusterWarps * 32, 4)
     selective_scan_cluster_kernel(const ScanArgs p, int segs, int seg_len) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  namespace cg = cooperative_groups;
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ < 900
+  if constexpr (kClusters) return;  // never launched below sm_90 (no clusters there)
+#endif
   extern __shared__ __align__(16) float sm[];
-  const cg::cluster_group cluster = cg::this_cluster();
   const int N = p.dstate, L = p.seqlen, dim = p.dim;
   const int warps = static_cast<int>(blockDim.x) / 32, csize = segs / warps;
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
-  const int rank = static_cast<int>(cluster.block_rank());
+  using Group = SegmentBlocks<kClusters>;
+  const int rank = Group::rank();
   const int seg = rank * warps + warp;
   const int groups = (dim + kClusterChannels - 1) / kClusterChannels;
   const int cl = static_cast<int>(blockIdx.x) / csize;  // (batch, channel group) of the cluster
@@ -859,7 +893,7 @@ __global__ void __launch_bounds__(kClusterWarps * 32, 4)
     for (int n = 0; n < kSeqStates; ++n) mine[n] = h[n];
     sdt[warp * kClusterChannels + lane] = sum_dt;
   }
-  cluster.sync();
+  Group::sync();
   // combine: per (channel, state), h_in[s+1] = exp(A * sum_dt[s]) * h_in[s] + h_end[s] from the
   // initial state, spread over the cluster's threads; h_in replaces h_end in the owner's memory.
   // The remote loads of kFold segments are issued before their fold (each is a cluster round trip).
@@ -876,7 +910,7 @@ __global__ void __launch_bounds__(kClusterWarps * 32, 4)
       for (int i = 0; i < kFold; ++i) {
         const int s2 = s0 + i, w2 = s2 % warps;
         const bool carried = s2 < segs - 1;  // (the last segment's end state is not needed)
-        const float* base = cluster.map_shared_rank(hend, carried ? s2 / warps : 0);
+        const float* base = Group::smem(hend, carried ? s2 / warps : 0);
         end[i] = carried ? base[(w2 * kClusterChannels + cc) * kEndStride + n] : 0.f;
         decay[i] = carried ? base[warps * kClusterChannels * kEndStride + w2 * kClusterChannels + cc] : 0.f;
       }
@@ -884,12 +918,12 @@ __global__ void __launch_bounds__(kClusterWarps * 32, 4)
       for (int i = 0; i < kFold; ++i) {
         const int s2 = s0 + i;
         if (s2 >= segs) break;
-        cluster.map_shared_rank(hend, s2 / warps)[((s2 % warps) * kClusterChannels + cc) * kEndStride + n] = hh;
+        Group::smem(hend, s2 / warps)[((s2 % warps) * kClusterChannels + cc) * kEndStride + n] = hh;
         hh = fmaf(fast_exp2(a2 * decay[i]), hh, end[i]);
       }
     }
   }
-  cluster.sync();
+  Group::sync();
   const float* hin = hend + (warp * kClusterChannels + lane) * kEndStride;
 #pragma unroll
   for (int n = 0; n < kSeqStates; ++n) h[n] = hin[n];
@@ -897,7 +931,6 @@ __global__ void __launch_bounds__(kClusterWarps * 32, 4)
   // pass 2: the segment from its true initial state, producing y
   cluster_pass<Tin, Tout, true>(p, ch, bufs, boff, row_off, row_ok, tok0, ntiles, h);
   store_channel_state(p, b, d, N, dim, seg == segs - 1 && row_ok, h);
-#endif
 }
 
 // ---- variant selection ------------------------------------------------------------------------
@@ -975,10 +1008,14 @@ cudaError_t launch_seq1(const ScanArgs& a, cudaStream_t stream) {
   return launch_status();
 }
 
-template <typename Tin, typename Tout>
+// Blocks of variant 5 that hold one channel group's S segments (a cluster when more than one).
+int cluster_blocks(int segs) { return segs > kClusterWarps ? segs / kClusterWarps : 1; }
+
+// Variant 5 with S = segs, in clusters (kClusters) or, for S <= 4, in single blocks without them.
+template <typename Tin, typename Tout, bool kClusters>
 cudaError_t launch_seq_cluster(const ScanArgs& a, int segs, cudaStream_t stream) {
   const int warps = segs < kClusterWarps ? segs : kClusterWarps;
-  const int csize = segs / warps;
+  const int csize = cluster_blocks(segs);
   const int64_t blocks = static_cast<int64_t>(a.batch) *
                          ((a.dim + kClusterChannels - 1) / kClusterChannels) * csize;
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
@@ -993,9 +1030,10 @@ cudaError_t launch_seq_cluster(const ScanArgs& a, int segs, cudaStream_t stream)
   config.dynamicSmemBytes = cluster_smem_bytes(warps);
   config.stream = stream;
   config.attrs = &attr;
-  config.numAttrs = 1;
-  const cudaError_t err = cudaLaunchKernelEx(&config, selective_scan_cluster_kernel<Tin, Tout>, a,
-                                             segs, seq_segment_length(a.seqlen, segs));
+  config.numAttrs = kClusters ? 1 : 0;
+  const cudaError_t err =
+      cudaLaunchKernelEx(&config, selective_scan_cluster_kernel<Tin, Tout, kClusters>, a, segs,
+                         seq_segment_length(a.seqlen, segs));
   const cudaError_t last = launch_status();
   return err != cudaSuccess ? err : last;
 }
@@ -1008,11 +1046,12 @@ cudaError_t run_scan(const ScanArgs& a, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   int variant = g_scan_variant;
   if (variant >= 3 && a.dstate > kSeqStates) variant = 0;
-  // dstate <= 16: the cluster-segmented scan on sm_90 and later, the segmented one below
-  // (variant 5 falls back to 3), each with seq_segments' count; one segment runs variant 4.
+  // dstate <= 16: the cluster-segmented scan (variant 5) with seq_segments' count; on a GPU without
+  // clusters (below sm_90) its single-block form (variant 6) where S <= 4, else the segmented one
+  // (variant 3); one segment runs variant 4.
   if (variant == 0 && a.dstate <= kSeqStates) variant = 5;
   if (variant == 4) return launch_seq1<Tin, Tout>(a, stream);
-  if (variant == 3 || variant == 5) {
+  if (variant >= 3) {
     const bool forced = g_scan_segments >= 1 && g_scan_segments <= kSeqMaxSegs &&
                         (g_scan_segments & (g_scan_segments - 1)) == 0;
     const int segs = forced ? g_scan_segments : seq_segments(a, sms);
@@ -1022,8 +1061,11 @@ cudaError_t run_scan(const ScanArgs& a, cudaStream_t stream) {
       int clusters = 0;  // thread-block clusters: sm_90 and later
       err = cudaDeviceGetAttribute(&clusters, cudaDevAttrClusterLaunch, dev);
       if (err != cudaSuccess) return err;
-      if (clusters != 0) return launch_seq_cluster<Tin, Tout>(a, segs, stream);
+      if (clusters != 0) return launch_seq_cluster<Tin, Tout, true>(a, segs, stream);
+      variant = 6;
     }
+    if (variant == 6 && cluster_blocks(segs) == 1)
+      return launch_seq_cluster<Tin, Tout, false>(a, segs, stream);
     return launch_seq<Tin, Tout>(a, segs, stream);
   }
   if (variant != 1 && variant != 2) {
@@ -1105,10 +1147,12 @@ bool scan_scales_ok(essm_dtype in, const essm_scan_scales* s) {
 // sequential scan with `segments` segments (a power of two <= 32; 0 = the heuristic's count, which
 // at one segment runs variant 4), 4 = the single-segment one-barrier kernel, 5 = the
 // cluster-segmented scan with `segments` segments (0 = the heuristic's count; one segment runs
-// variant 4, and below sm_90 variant 3 runs instead) (3, 4 and 5: dstate <= 16).
+// variant 4, and on a GPU without clusters, i.e. below sm_90, variant 6), 6 = variant 5's form
+// without clusters (one block per channel group, S <= 4: what GPUs without clusters such as Jetson
+// Orin run; more segments run variant 3) (3-6: dstate <= 16).
 // Returns the variant now in force.
 extern "C" int essm_tuning_set_scan_variant(int variant, int segments) {
-  essm::g_scan_variant = (variant >= 1 && variant <= 5) ? variant : 0;
+  essm::g_scan_variant = (variant >= 1 && variant <= 6) ? variant : 0;
   essm::g_scan_segments = segments;
   return essm::g_scan_variant;
 }
