@@ -2,9 +2,9 @@
 //
 // Prefill (see docs/kernels.md): four kernels. dstate <= 16 (every Mamba-1 model): a segmented
 // sequential scan (thread = (channel, time segment), the 16 states in registers, two passes when
-// there is more than one segment; variant 3), on sm_90 and later its form with one segment per warp
-// and the segments spread over a thread-block cluster (variant 5), and for one segment the
-// one-barrier form (variant 4).
+// there is more than one segment; variant 3), its form with one segment per warp and the segments
+// spread over a thread-block cluster (variant 5, sm_90 and later; variant 6: up to 4 segments in one
+// block, without clusters, for other GPUs), and for one segment the one-barrier form (variant 4).
 // dstate > 16: a chunked parallel scan (one block of kScanThreads threads owns kRows channels of one
 // batch element and walks the sequence in chunks of kScanThreads * kScanItems tokens; for each state
 // n the recurrence h_t = a_t h_{t-1} + b_t is a composition of affine maps, so the chunk is scanned
