@@ -217,6 +217,23 @@ inline bool pdl_enabled() {
          major >= 9;
 }
 
+// kernel<<<grid, block, smem, stream>>>(args...) through cudaLaunchKernelEx with the launch
+// attribute `attr` when `with_attr` (PDL, a cluster shape).
+template <typename... Params, typename... Args>
+cudaError_t launch_ex(void (*kernel)(Params...), unsigned grid, unsigned block, size_t smem,
+                      cudaStream_t stream, cudaLaunchAttribute attr, bool with_attr, Args&&... args) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(grid);
+  config.blockDim = dim3(block);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = &attr;
+  config.numAttrs = with_attr ? 1 : 0;
+  const cudaError_t err = cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+  const cudaError_t last = launch_status();  // clears the error launch_status() would report later
+  return err != cudaSuccess ? err : last;
+}
+
 // kernel<<<grid, block, smem, stream>>>(args...), with the PDL attribute where pdl_enabled().
 template <typename... Params, typename... Args>
 cudaError_t launch_pdl(void (*kernel)(Params...), unsigned grid, unsigned block, size_t smem,
@@ -224,16 +241,8 @@ cudaError_t launch_pdl(void (*kernel)(Params...), unsigned grid, unsigned block,
   cudaLaunchAttribute attr{};
   attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr.val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(grid);
-  config.blockDim = dim3(block);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  config.attrs = &attr;
-  config.numAttrs = pdl_enabled() ? 1 : 0;
-  const cudaError_t err = cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
-  const cudaError_t last = launch_status();  // clears the error launch_status() would report later
-  return err != cudaSuccess ? err : last;
+  return launch_ex(kernel, grid, block, smem, stream, attr, pdl_enabled(),
+                   std::forward<Args>(args)...);
 }
 
 inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }

@@ -1024,18 +1024,10 @@ cudaError_t launch_seq_cluster(const ScanArgs& a, int segs, cudaStream_t stream)
   attr.val.clusterDim.x = static_cast<unsigned>(csize);
   attr.val.clusterDim.y = 1;
   attr.val.clusterDim.z = 1;
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(static_cast<unsigned>(blocks));
-  config.blockDim = dim3(static_cast<unsigned>(warps * 32));
-  config.dynamicSmemBytes = cluster_smem_bytes(warps);
-  config.stream = stream;
-  config.attrs = &attr;
-  config.numAttrs = kClusters ? 1 : 0;
-  const cudaError_t err =
-      cudaLaunchKernelEx(&config, selective_scan_cluster_kernel<Tin, Tout, kClusters>, a, segs,
-                         seq_segment_length(a.seqlen, segs));
-  const cudaError_t last = launch_status();
-  return err != cudaSuccess ? err : last;
+  return launch_ex(selective_scan_cluster_kernel<Tin, Tout, kClusters>,
+                   static_cast<unsigned>(blocks), static_cast<unsigned>(warps * 32),
+                   cluster_smem_bytes(warps), stream, attr, kClusters, a, segs,
+                   seq_segment_length(a.seqlen, segs));
 }
 
 template <typename Tin, typename Tout>
