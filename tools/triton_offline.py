@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import re
 import shutil
 import subprocess
@@ -34,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cubin_diff import find_cuobjdump, parse_sass  # noqa: E402  (tools/, this script's folder)
 from edgessm.ops import triton_gemv as Q  # noqa: E402
 
 OPS = ("w4a16", "w8a16", "w8a8", "float")
@@ -141,41 +141,18 @@ def ptxas_resources(ptx: str, arch: int) -> str:
     return "; ".join(lines) if res.returncode == 0 else f"ptxas failed: {res.stderr.strip()[:500]}"
 
 
-def _cuobjdump() -> str | None:
-    """cuobjdump from PATH or from the nvidia-cuda-cuobjdump wheel (pip install nvidia-cuda-cuobjdump)."""
-    found = shutil.which("cuobjdump")
-    if found:
-        return found
-    try:
-        import nvidia
-
-        for root in nvidia.__path__:
-            hits = sorted(Path(root).glob("*/bin/cuobjdump"))
-            if hits:
-                return str(hits[0])
-    except ImportError:
-        pass
-    return None
-
-
 def sass_mix(cubin: bytes) -> str:
     """SASS opcodes of the kernel: the cubin Triton built (with its own ptxas), disassembled by cuobjdump
-    with the nvdisasm that Triton ships."""
-    import triton
-
-    cuobjdump = _cuobjdump()
-    if cuobjdump is None:
+    (found and read as tools/cubin_diff.py does)."""
+    found = find_cuobjdump()
+    if found is None:
         return "(SASS needs cuobjdump: the CUDA toolkit, or pip install nvidia-cuda-cuobjdump)"
-    nvdisasm_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    cuobjdump, env = found
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "k.cubin").write_bytes(cubin)
-        env = {**os.environ, "NVDISASM_PATH": str(nvdisasm_dir)}
         res = subprocess.run([cuobjdump, "-sass", str(Path(d) / "k.cubin")], capture_output=True, text=True, env=env)
-    mix: collections.Counter = collections.Counter()
-    for line in res.stdout.splitlines():
-        m = re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_]+)", line)
-        if m:
-            mix[m.group(2)] += 1
+    mix = collections.Counter(
+        instruction.split()[0].split(".")[0] for body in parse_sass(res.stdout).values() for instruction in body)
     if not mix:
         return f"(no SASS from cuobjdump: {res.stderr.strip()[:200]})"
     return f"{sum(mix.values())}; " + ", ".join(f"{k} {v}" for k, v in mix.most_common(20))
