@@ -108,3 +108,10 @@ def test_the_unit_rate_probe_compiles(tmp_path: Path) -> None:
     for arch in ("87", "90"):
         _run(["nvcc", "-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}", "-c",
               str(PLUGINS / "harness" / "unit_rates.cu"), "-o", str(tmp_path / f"unit_rates_{arch}.o")], ROOT)
+
+
+def test_the_cluster_placement_probe_compiles(tmp_path: Path) -> None:
+    """tools/cluster_placement.cu (run on the device; docs/kernels.md, "Cluster placement") builds for
+    sm_90, the first architecture with thread-block clusters."""
+    _run(["nvcc", "-O2", "-gencode=arch=compute_90,code=sm_90", "-c", str(ROOT / "tools" / "cluster_placement.cu"),
+          "-o", str(tmp_path / "cluster_placement.o")], ROOT)
