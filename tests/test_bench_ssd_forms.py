@@ -45,3 +45,5 @@ def test_labels_follow_the_harness_names(bench) -> None:  # noqa: ANN001
     assert bench.ssd_variant_label((4, 5, 2)) == "mma/4w/S5/P2"
     assert bench.ssd_variant_label((5, 2)) == "mma/8w/S2"
     assert bench.ssd_variant_label((4, 6, 0)) == "mma/4w/S6"
+    assert bench.ssd_variant_label((6, 8)) == "mma/4w/single/S8"
+    assert bench.ssd_variant_label((4, 0)) == "mma/4w/Sauto"

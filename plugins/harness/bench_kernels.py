@@ -140,7 +140,7 @@ def ssd_variant_label(v: tuple[int, ...]) -> str:
     if v in SSD_VARIANTS:
         return SSD_VARIANTS[v]
     label = SSD_VARIANTS[(v[0], 0 if v[0] < 4 else 1)]
-    label += f"/S{v[1]}" if v[1] > 1 else ""
+    label += f"/S{v[1]}" if v[1] > 1 else "/Sauto" if v[0] >= 4 and v[1] == 0 else ""
     return label + (f"/P{v[2]}" if len(v) > 2 and v[2] > 0 else "")
 
 

@@ -42,13 +42,15 @@ DEFAULT_LIB = Path(__file__).resolve().parents[2] / "build" / "plugins" / "libed
 # pieces]) -> label. "auto" is the launcher's own choice (for 16-bit outputs the register-resident
 # mma.sync chunked form where dstate <= 128, with 4 or 8 warps by occupancy and its sequence split
 # into as many segments as fill the GPU, each cut into as many state-only pieces as fill it in pass
-# 1, else the WMMA chunked form); "wmma/<warps>w" and "mma/<warps>w[/S<segments>[/P<pieces>]]" force
-# a chunked form, its warps per block and (mma) the segments each sequence is split into and the
-# pass-1 pieces per segment (the mma form only where it applies: dstate <= 128; never more segments
-# than chunks, nor pieces than a segment's chunks). Float32 outputs always take the direct form.
+# 1, else the WMMA chunked form); "wmma/<warps>w" and "mma/<warps>w[/single][/S<segments>[/P<pieces>]]"
+# force a chunked form, its warps per block, (mma) whether its pass 2 keeps a single copy of the raw
+# tiles (3 blocks per H100 SM for 16-bit input) instead of two, the segments each sequence is split
+# into and the pass-1 pieces per segment (the mma form only where it applies: dstate <= 128; never more
+# segments than chunks, nor pieces than a segment's chunks). Float32 outputs always take the direct form.
 SSD_VARIANTS = {(0, 0): "auto", (1, 0): "direct", (2, 0): "wmma/8w", (3, 0): "wmma/16w", (4, 1): "mma/4w",
                 (5, 1): "mma/8w", (4, 2): "mma/4w/S2", (4, 4): "mma/4w/S4", (4, 8): "mma/4w/S8", (5, 3): "mma/8w/S3",
-                (4, 2, 1): "mma/4w/S2/P1", (4, 4, 1): "mma/4w/S4/P1", (4, 3, 5): "mma/4w/S3/P5"}
+                (4, 2, 1): "mma/4w/S2/P1", (4, 4, 1): "mma/4w/S4/P1", (4, 3, 5): "mma/4w/S3/P5",
+                (6, 1): "mma/4w/single", (6, 4, 2): "mma/4w/single/S4/P2"}
 
 
 class KernelError(RuntimeError):
@@ -156,7 +158,8 @@ class KernelLib:
         (16-bit outputs: the register-resident chunked form for dstate <= 128 with 4 or 8 warps by
         occupancy, else the WMMA chunked form with 8 or 16; float32: the direct recurrence), 1 the
         direct recurrence always, 2 / 3 the WMMA chunked form with 8 / 16 warps, 4 / 5 the
-        register-resident form with 4 / 8 warps (16-bit outputs); `segments` (1..32) forces the
+        register-resident form with 4 / 8 warps (16-bit outputs), 6 the same with 4 warps and one
+        copy of the raw tiles in pass 2 (two: 4 and 5); `segments` (1..32) forces the
         register-resident form's sequence split (0: as many segments as fill the GPU) and `pieces`
         (1..32) the state-only pieces per segment of its pass 1 (0: as many as fill the GPU).
         Returns the variant in force."""

@@ -595,7 +595,10 @@ __global__ void __launch_bounds__(32 * kWarps)
 // chunk-start state lives in the state accumulators across chunks and is written once per chunk
 // as the 16-bit copy that C S reads. Operands come from shared memory through ldmatrix. The staged
 // tiles are double-buffered with cp.async (chunk c + 1 lands while chunk c computes) and so is the
-// 16-bit state copy. A chunk has two block barriers: after the first its tiles and its token
+// 16-bit state copy; with kStages = 1 (pass 2, one warp group) the raw tiles have one buffer and
+// chunk c + 1 is staged after a third barrier at the end of chunk c: 71 KiB instead of 110 at
+// dstate 128 for 16-bit input, and at most 168 registers, so three blocks share an H100 SM (two an
+// Orin SM) and hide each other's staging. A chunk has two block barriers: after the first its tiles and its token
 // vectors (computed by warp 0 during the previous chunk) are visible; before the second the state
 // operand x dt exp(cum_end - cum) (split into 16-bit high and low parts once per block) and, for
 // int8, the fp16 copies of the tiles are written. Eligible: 16-bit outputs, dstate <= 128 (padded to kN = 64
@@ -651,7 +654,8 @@ struct MmaSmem {
   // (int8 raw tiles are only read as whole 16-byte words, row by row: no padding needed). The
   // state-only pass (pass 1 of a split) has no C tile, fp16 x copy or 16-bit state: about half the
   // bytes, so that more of its blocks share an SM.
-  __host__ __device__ MmaSmem(int kN, int in_bytes, bool state_only = false)
+  // `stages` 1 keeps one copy of the raw tiles (see ssd_mma_kernel's kStages).
+  __host__ __device__ MmaSmem(int kN, int in_bytes, bool state_only = false, int stages = 2)
       : ldN(kN + 8), ldP(kColTile + 8), ldNr(in_bytes == 2 ? ldN : kN), ldPr(in_bytes == 2 ? ldP : kColTile) {
     const bool i8_full = in_bytes != 2 && !state_only;
     size_t off = 0;
@@ -659,7 +663,7 @@ struct MmaSmem {
     Braw = ChunkSmem::take(off, static_cast<size_t>(in_bytes) * kChunk * ldNr);
     xraw = ChunkSmem::take(off, static_cast<size_t>(in_bytes) * kChunk * ldPr);
     stage = off;  // the raw tiles start at 0
-    off += stage;
+    off += stages == 2 ? stage : 0;
     // int8 tiles are widened into one set of fp16 operand tiles; 16-bit tiles are used as staged
     C = i8_full ? ChunkSmem::take(off, 2 * kChunk * ldN) : 0;
     B = in_bytes == 2 ? 0 : ChunkSmem::take(off, 2 * kChunk * ldN);
@@ -842,8 +846,8 @@ __device__ __forceinline__ void widen_tile(__half* dst, int ld, const int8_t* sr
   }
 }
 
-template <typename Tin, typename Tout, int kN, int kGroups, bool kStateOnly>
-__global__ void __launch_bounds__(MmaShape<kGroups>::kThreads, kStateOnly ? 3 : 2 / kGroups)
+template <typename Tin, typename Tout, int kN, int kGroups, bool kStateOnly, int kStages = 2>
+__global__ void __launch_bounds__(MmaShape<kGroups>::kThreads, kStateOnly || kStages == 1 ? 3 : 2 / kGroups)
     ssd_mma_kernel(const SsdArgs p, int ptiles, bool x_async, const SegSplit split) {
   using Tm = MmaType<Tin>;
   using Shape = MmaShape<kGroups>;
@@ -857,7 +861,7 @@ __global__ void __launch_bounds__(MmaShape<kGroups>::kThreads, kStateOnly ? 3 : 
   // Pass 1 lets pass 2 (launched with PDL, launch_ssd_mma) start at once: its segment-0 blocks need
   // nothing from pass 1, and the others stage their first chunk before they wait for it.
   if constexpr (kStateOnly) pdl_launch_dependents();
-  const MmaSmem lay(kN, sizeof(Tin), kStateOnly);
+  const MmaSmem lay(kN, sizeof(Tin), kStateOnly, kStages);
   const int N = p.dstate, L = p.seqlen, H = p.nheads, P = p.headdim, G = p.ngroups;
   // block = (tile, segment) in pass 2, (tile, segment, piece) in pass 1, which runs the pieces of
   // segments 0 .. segments - 2; tile = (b, h, ptile)
@@ -1051,10 +1055,10 @@ __global__ void __launch_bounds__(MmaShape<kGroups>::kThreads, kStateOnly ? 3 : 
   const int row0 = 16 * wr;  // this warp's first output row in the chunk
   float seg_log2_decay = 0.f;  // pass 1: sum of dt A log2(e) over the chunks done so far
   for (int c0 = t_begin, ci = 0; c0 < t_end; c0 += kChunk, ++ci) {
-    const int st = ci & 1;
+    const int st = ci & 1, rs = kStages == 2 ? st : 0;  // rs: the raw tiles' buffer
     asm volatile("cp.async.wait_group 0;\n" ::);
     __syncthreads();  // chunk ci's tiles, token vectors and 16-bit state are visible; ci - 1 is done
-    if (c0 + kChunk < t_end) stage(c0 + kChunk, st ^ 1);
+    if (kStages == 2 && c0 + kChunk < t_end) stage(c0 + kChunk, st ^ 1);
 
     const float* cumv = vectors(st);
     const float* dtbv = cumv + kChunk;
@@ -1065,7 +1069,7 @@ __global__ void __launch_bounds__(MmaShape<kGroups>::kThreads, kStateOnly ? 3 : 
 
     // ---- the state operand x dt exp(cum_end - cum) as 16-bit high + low parts (and for int8 the
     // fp16 operand tiles), then the block's second barrier
-    const Tin* xraw = reinterpret_cast<const Tin*>(smem_raw + lay.xraw + st * lay.stage);
+    const Tin* xraw = reinterpret_cast<const Tin*>(smem_raw + lay.xraw + rs * lay.stage);
     float xv[kXsplit];
     if constexpr (kInt8) {
       uint32_t raw[kXsplit / 4];
@@ -1079,10 +1083,10 @@ __global__ void __launch_bounds__(MmaShape<kGroups>::kThreads, kStateOnly ? 3 : 
         widen_int8(raw, o);
         sts_bytes<sizeof(o)>(reinterpret_cast<Tm*>(smem_raw + lay.x) + xs_row * lay.ldP + xs_col, o);
         widen_tile<kN, kThreads>(reinterpret_cast<__half*>(smem_raw + lay.C), lay.ldN,
-                                 reinterpret_cast<const int8_t*>(smem_raw + lay.Craw + st * lay.stage), lay.ldNr);
+                                 reinterpret_cast<const int8_t*>(smem_raw + lay.Craw + rs * lay.stage), lay.ldNr);
       }
       widen_tile<kN, kThreads>(reinterpret_cast<__half*>(smem_raw + lay.B),
-                     lay.ldN, reinterpret_cast<const int8_t*>(smem_raw + lay.Braw + st * lay.stage), lay.ldNr);
+                     lay.ldN, reinterpret_cast<const int8_t*>(smem_raw + lay.Braw + rs * lay.stage), lay.ldNr);
     } else {
       uint32_t w[kXsplit / 2];
       lds_bytes<sizeof(w)>(w, xraw + xs_row * lay.ldPr + xs_col);
@@ -1100,9 +1104,9 @@ __global__ void __launch_bounds__(MmaShape<kGroups>::kThreads, kStateOnly ? 3 : 
       sts_bytes<sizeof(lo)>(xlo + xs_row * lay.ldP + xs_col, lo);
     }
     __syncthreads();
-    const Tm* Bs = reinterpret_cast<const Tm*>(smem_raw + (kInt8 ? lay.B : lay.Braw + st * lay.stage));
+    const Tm* Bs = reinterpret_cast<const Tm*>(smem_raw + (kInt8 ? lay.B : lay.Braw + rs * lay.stage));
     if constexpr (!kStateOnly) {  // the chunk's outputs
-      const Tm* Cs = reinterpret_cast<const Tm*>(smem_raw + (kInt8 ? lay.C : lay.Craw + st * lay.stage));
+      const Tm* Cs = reinterpret_cast<const Tm*>(smem_raw + (kInt8 ? lay.C : lay.Craw + rs * lay.stage));
       const Tm* xs = kInt8 ? reinterpret_cast<const Tm*>(smem_raw + lay.x) : reinterpret_cast<const Tm*>(xraw);
       const int ldx = kInt8 ? lay.ldP : lay.ldPr;
       const Tm* Sh = reinterpret_cast<const Tm*>(smem_raw + lay.Sh + st * lay.sh_bytes);
@@ -1222,6 +1226,10 @@ __global__ void __launch_bounds__(MmaShape<kGroups>::kThreads, kStateOnly ? 3 : 
       }
     }
     if constexpr (!kStateOnly) store_state_copy(st ^ 1);
+    if (kStages == 1 && c0 + kChunk < t_end) {  // one copy of the raw tiles: the next chunk's after this one's
+      __syncthreads();
+      stage(c0 + kChunk, 0);
+    }
   }
 
   if constexpr (kStateOnly) {  // this piece's end state from zero, and its decay
@@ -1269,7 +1277,8 @@ __global__ void __launch_bounds__(kSsdDecodeThreads)
 
 // Benchmark/tuning override (essm_tuning_set_ssd_variant): 0 = by output dtype and dstate, 1 =
 // direct; for 16-bit outputs 2 / 3 = the WMMA chunked form with 8 / 16 warps per block, 4 / 5 =
-// the register-resident form with 4 / 8 warps (dstate <= 128).
+// the register-resident form with 4 / 8 warps and two stages of raw tiles, 6 = with 4 warps and one
+// stage (dstate <= 128).
 int g_ssd_variant = 0;
 
 template <typename Tin, typename Tout>
@@ -1369,11 +1378,13 @@ cudaError_t launch_ssd_chunked(const SsdArgs& a, int warps, cudaStream_t stream)
 
 // ---- sequence split of the register-resident form (SegSplit) ----
 // Blocks that the workspace is sized to fill: an H100's resident register-resident blocks (132 SMs
-// x 2), and for pass 1 its resident state-only blocks (132 x 4 for int8 input, x 3 for 16-bit).
+// x 2 with two stages of raw tiles, x 3 with one: ssd_mma_kernel's kStages), and for pass 1 its
+// resident state-only blocks (132 x 4 for int8 input, x 3 for 16-bit).
 // Constants, not the device's counts, so that a workspace sized when a TensorRT engine is built
 // covers every later launch on any GPU; the launch itself splits no further than its device fills
 // (split_for_device).
-constexpr int64_t kSplitBlocks = 264;
+constexpr int64_t kSplitBlocksTwoStages = 264;
+constexpr int64_t kSplitBlocksOneStage = 396;
 constexpr int64_t kPieceBlocks = 528;
 constexpr int kMaxSegments = 32;
 static_assert(kMaxSegments - 1 <= kMaxCarriedPieces, "one piece per segment always fits");
@@ -1390,10 +1401,18 @@ int usable_segments(int64_t want, int chunks) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({want, chunks, kMaxSegments})));
 }
 
-// Segments per tile that the workspace is sized for: enough blocks for kSplitBlocks (or the forced
-// count).
-int split_cap(int64_t tiles, int chunks) {
-  return usable_segments(g_ssd_segments > 0 ? g_ssd_segments : kSplitBlocks / tiles, chunks);
+// Segments per tile that the workspace is sized for with `stages` stages of raw tiles in pass 2:
+// enough blocks for kSplitBlocks* (or the forced count).
+int split_cap(int64_t tiles, int chunks, int stages) {
+  const int64_t blocks = stages == 1 ? kSplitBlocksOneStage : kSplitBlocksTwoStages;
+  return usable_segments(g_ssd_segments > 0 ? g_ssd_segments : blocks / tiles, chunks);
+}
+
+// The segments of a launch before the workspace's limit: as many as fill the device's `slots`
+// resident pass-2 blocks (or the forced count), within split_cap.
+int wanted_segments(int64_t tiles, int chunks, int64_t slots, int stages) {
+  const int cap = split_cap(tiles, chunks, stages);
+  return g_ssd_segments > 0 ? cap : usable_segments(std::min<int64_t>(cap, slots / tiles), chunks);
 }
 
 // Chunks per segment of `segments` (evened out over the chunks).
@@ -1420,21 +1439,25 @@ size_t split_bytes(int64_t tiles, int segments, int pieces, int kn) {
                              static_cast<size_t>(tiles) * (segments - 1) * pieces * sizeof(float);
 }
 
-// The workspace that a launch of `tiles` tiles may use (its largest split on any GPU).
+// The workspace that a launch of `tiles` tiles may use (its largest split on any GPU, with either
+// number of stages).
 size_t split_need(int64_t tiles, int chunks, int kn) {
-  const int segments = split_cap(tiles, chunks);
-  return split_bytes(tiles, segments, pieces_for(tiles, segments, segment_chunks(chunks, segments), kPieceBlocks), kn);
+  size_t most = 0;
+  for (int stages = 1; stages <= 2; ++stages) {
+    const int segments = split_cap(tiles, chunks, stages);
+    most = std::max(most, split_bytes(tiles, segments,
+                                      pieces_for(tiles, segments, segment_chunks(chunks, segments), kPieceBlocks), kn));
+  }
+  return most;
 }
 
-// The split of one launch: as many segments as fill the device's `slots` resident blocks and as
-// many pieces as fill its `piece_slots` state-only ones (unless forced), no more than split_cap and
-// the workspace allow (fewer pieces first, then fewer segments), evened out over the chunks.
-SegSplit split_for_device(int64_t tiles, int seqlen, int kn, int64_t slots, int64_t piece_slots, void* ws,
-                          size_t ws_bytes) {
+// The split of one launch whose pass 2 has `stages` stages: wanted_segments and as many pieces as
+// fill the device's `piece_slots` resident state-only blocks (unless forced), no more than the
+// workspace allows (fewer pieces first, then fewer segments), evened out over the chunks.
+SegSplit split_for_device(int64_t tiles, int seqlen, int kn, int64_t slots, int64_t piece_slots, int stages,
+                          void* ws, size_t ws_bytes) {
   const int chunks = (seqlen + kChunk - 1) / kChunk;
-  int segments = split_cap(tiles, chunks);
-  if (g_ssd_segments == 0) segments = static_cast<int>(std::min<int64_t>(segments, slots / tiles));
-  segments = usable_segments(segments, chunks);
+  int segments = wanted_segments(tiles, chunks, slots, stages);
   int pieces = pieces_for(tiles, segments, segment_chunks(chunks, segments), piece_slots);
   while (segments > 1 && split_bytes(tiles, segments, pieces, kn) > ws_bytes) {
     if (pieces > 1) {
@@ -1462,10 +1485,10 @@ SegSplit split_for_device(int64_t tiles, int seqlen, int kn, int64_t slots, int6
 // blocks are scheduled as pass 1's finish and only those that carry a state wait for pass 1
 // (ssd_mma_kernel). Pass 1, and an unsplit pass 2, wait for the kernels before them as usual: they
 // read what those wrote from their first instruction on.
-template <typename Tin, typename Tout, int kN, int kGroups, bool kStateOnly>
+template <typename Tin, typename Tout, int kN, int kGroups, bool kStateOnly, int kStages = 2>
 cudaError_t launch_ssd_mma_pass(const SsdArgs& a, const MmaSmem& lay, int64_t blocks, int ptiles,
                                 const SegSplit& split, cudaStream_t stream) {
-  auto kernel = ssd_mma_kernel<Tin, Tout, kN, kGroups, kStateOnly>;
+  auto kernel = ssd_mma_kernel<Tin, Tout, kN, kGroups, kStateOnly, kStages>;
   const cudaError_t err = allow_dynamic_smem(kernel, lay.bytes);
   if (err != cudaSuccess) return err;
   const bool x_async = x_rows_async<Tin>(a);
@@ -1481,18 +1504,37 @@ cudaError_t launch_ssd_mma_pass(const SsdArgs& a, const MmaSmem& lay, int64_t bl
 // workspace (ws, ws_bytes; see SegSplit), with `groups` warp groups (1 or 2; 0: two where that
 // puts more warps on the busiest SM, see MmaShape). Pass 1 of a split always runs one group.
 template <typename Tin, typename Tout, int kN>
-cudaError_t launch_ssd_mma(const SsdArgs& a, int groups, int sms, void* ws, size_t ws_bytes, cudaStream_t stream) {
+cudaError_t launch_ssd_mma(const SsdArgs& a, int groups, int stages, int sms, void* ws, size_t ws_bytes,
+                           cudaStream_t stream) {
   static_assert(kMmaGroupChoices[0] == 1 && kMmaGroupChoices[1] == 2, "instantiations below");
-  const MmaSmem lay(kN, sizeof(Tin)), lay1(kN, sizeof(Tin), true);
+  const MmaSmem lay(kN, sizeof(Tin)), lay1(kN, sizeof(Tin), true), lay_single(kN, sizeof(Tin), false, 1);
   const int ptiles = (a.headdim + kColTile - 1) / kColTile;
   const int64_t tiles = static_cast<int64_t>(a.batch) * a.nheads * ptiles;
-  int per_sm = 0, per_sm1 = 0;
+  int per_sm = 0, per_sm1 = 0, per_sm_single = 0;
   cudaError_t err = blocks_per_sm(ssd_mma_kernel<Tin, Tout, kN, 1, false>, MmaShape<1>::kThreads, lay.bytes, &per_sm);
   if (err == cudaSuccess)
     err = blocks_per_sm(ssd_mma_kernel<Tin, Tout, kN, 1, true>, MmaShape<1>::kThreads, lay1.bytes, &per_sm1);
+  if (err == cudaSuccess)
+    err = blocks_per_sm(ssd_mma_kernel<Tin, Tout, kN, 1, false, 1>, MmaShape<1>::kThreads, lay_single.bytes,
+                        &per_sm_single);
   if (err != cudaSuccess) return err;
+  // One stage of raw tiles (unless forced) where it fits more blocks on an SM and so splits the
+  // sequence into more segments. A chunk step is slower with one stage, so only the extra segments
+  // pay for it: on an H100 batch-1 prefill gained (B1 H24 f16: 8 segments, 42.3 against 46.8 µs with
+  // 5), while a grid that fills the GPU unsplit lost (B4 H64: 320 against 273 µs); docs/benchmarks.md.
+  const int chunks = (a.seqlen + kChunk - 1) / kChunk;
+  if (stages != 1 && stages != 2)
+    stages = groups != 2 && per_sm_single > per_sm &&
+                     wanted_segments(tiles, chunks, static_cast<int64_t>(sms) * per_sm_single, 1) >
+                         wanted_segments(tiles, chunks, static_cast<int64_t>(sms) * per_sm, 2)
+                 ? 1
+                 : 2;
+  if (stages == 1) {
+    groups = 1;
+    per_sm = per_sm_single;
+  }
   const SegSplit split = split_for_device(tiles, a.seqlen, kN, static_cast<int64_t>(sms) * per_sm,
-                                          static_cast<int64_t>(sms) * per_sm1, ws, ws_bytes);
+                                          static_cast<int64_t>(sms) * per_sm1, stages, ws, ws_bytes);
   const int64_t blocks = tiles * split.segments;
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
   if (groups != 1 && groups != 2) {  // (the one-group kernel's occupancy is per_sm, asked above)
@@ -1507,6 +1549,7 @@ cudaError_t launch_ssd_mma(const SsdArgs& a, int groups, int sms, void* ws, size
                                                       split, stream);
     if (err != cudaSuccess) return err;
   }
+  if (stages == 1) return launch_ssd_mma_pass<Tin, Tout, kN, 1, false, 1>(a, lay_single, blocks, ptiles, split, stream);
   return groups == 2 ? launch_ssd_mma_pass<Tin, Tout, kN, 2, false>(a, lay, blocks, ptiles, split, stream)
                      : launch_ssd_mma_pass<Tin, Tout, kN, 1, false>(a, lay, blocks, ptiles, split, stream);
 }
@@ -1521,8 +1564,8 @@ int mma_state_pad(int dstate, int variant) {
 // Prefill with 16-bit outputs: the register-resident chunked form where it applies (dstate <= 128
 // and its shared memory fits: 110 KiB at dstate 128 for 16-bit inputs), its sequence split as far
 // as the workspace allows, else the WMMA chunked form. `variant` (g_ssd_variant) 2 / 3 force the
-// WMMA form with 8 / 16 warps, 4 / 5 the register-resident form with 1 / 2 warp groups (where it
-// applies).
+// WMMA form with 8 / 16 warps, 4 / 5 the register-resident form with 1 / 2 warp groups and two
+// stages, 6 with one group and one stage (where it applies).
 template <typename Tin, typename Tout>
 cudaError_t launch_ssd_prefill16(const SsdArgs& a, int variant, void* ws, size_t ws_bytes, cudaStream_t stream) {
   const int kn = mma_state_pad(a.dstate, variant);
@@ -1531,9 +1574,10 @@ cudaError_t launch_ssd_prefill16(const SsdArgs& a, int variant, void* ws, size_t
     const cudaError_t err = device_limits(&smem_max, &sms);
     if (err != cudaSuccess) return err;
     if (MmaSmem(kn, sizeof(Tin)).bytes <= static_cast<size_t>(smem_max)) {
-      const int groups = variant == 4 ? 1 : variant == 5 ? 2 : 0;
-      return kn == 64 ? launch_ssd_mma<Tin, Tout, 64>(a, groups, sms, ws, ws_bytes, stream)
-                      : launch_ssd_mma<Tin, Tout, 128>(a, groups, sms, ws, ws_bytes, stream);
+      const int groups = variant == 4 || variant == 6 ? 1 : variant == 5 ? 2 : 0;
+      const int stages = variant == 4 || variant == 5 ? 2 : variant == 6 ? 1 : 0;
+      return kn == 64 ? launch_ssd_mma<Tin, Tout, 64>(a, groups, stages, sms, ws, ws_bytes, stream)
+                      : launch_ssd_mma<Tin, Tout, 128>(a, groups, stages, sms, ws, ws_bytes, stream);
     }
   }
   return launch_ssd_chunked<Tin, Tout>(a, variant == 2 ? 8 : variant == 3 ? 16 : 0, stream);
@@ -1627,15 +1671,15 @@ extern "C" size_t essm_ssd_scan_workspace_size(essm_dtype out_dtype, int max_bat
   const int chunks = (max_seqlen + kChunk - 1) / kChunk;
   const int64_t tiles1 = static_cast<int64_t>(nheads) * ((headdim + kColTile - 1) / kColTile);
   // The largest need over batches 1 .. max_batch: a forced segment count needs the most at
-  // max_batch; the heuristic's count falls as the batch grows and is 1 from kSplitBlocks tiles on.
+  // max_batch; the heuristic's count falls as the batch grows and is 1 from kSplitBlocksOneStage tiles on.
   auto need = [&](int64_t batch) { return split_need(batch * tiles1, chunks, kn); };
   size_t most = need(max_batch);
-  for (int64_t b = 1; b < std::min<int64_t>(max_batch, kSplitBlocks); ++b) most = std::max(most, need(b));
+  for (int64_t b = 1; b < std::min<int64_t>(max_batch, kSplitBlocksOneStage); ++b) most = std::max(most, need(b));
   return most;
 }
 
 extern "C" int essm_tuning_set_ssd_variant(int variant, int segments) {
-  essm::g_ssd_variant = variant >= 1 && variant <= 5 ? variant : 0;
+  essm::g_ssd_variant = variant >= 1 && variant <= 6 ? variant : 0;
   essm::g_ssd_segments = segments >= 1 && segments <= essm::kMaxSegments ? segments : 0;
   return essm::g_ssd_variant;
 }
