@@ -78,11 +78,13 @@ def test_unsupported_sizes_are_rejected_on_the_host(kernels_lib: Path) -> None:
     assert ws_size(0, 1, 2048, 24, 64, 128) == 0
     small, large = ws_size(1, 1, 2048, 24, 64, 128), ws_size(1, 4, 4096, 24, 64, 128)
     assert 0 < small <= large
-    # sized for an H100 (ssd.cu, SegSplit): 264 full blocks, 528 state-only ones; (segments - 1) *
-    # pieces end states of 32 x 128 floats plus a decay each, per (head, 32-column tile)
+    # sized for an H100 (ssd.cu, SegSplit), the larger need of the two pass-2 forms: 264 two-stage or
+    # 396 one-stage full blocks, 528 state-only ones; (segments - 1) * pieces end states of 32 x 128
+    # floats plus a decay each, per (head, 32-column tile)
     piece_bytes = 32 * 128 * 4 + 4
-    assert small == 48 * (5 - 1) * 2 * piece_bytes  # 24 heads: 5 segments of 7 chunks, 2 pieces each
+    assert small == 48 * (5 - 1) * 2 * piece_bytes  # 24 heads: two stages, 5 segments of 7 chunks, 2 pieces
     assert ws_size(1, 1, 2048, 64, 64, 128) == 128 * 1 * 4 * piece_bytes  # 64 heads: 2 segments, 4 pieces
+    assert ws_size(1, 1, 2048, 8, 64, 128) == 16 * (24 - 1) * 1 * piece_bytes  # 8 heads: one stage, 24 segments
     assert ws_size(1, 1, 2048, 128, 64, 128) == 0  # 256 tiles fill the GPU: no split
     scan = lib.essm_selective_scan_fwd
     scan.argtypes = [I, I, P, P, P, P, P, P, P, P, I, P, P, P, P, I, I, I, I, P]

@@ -598,11 +598,11 @@ __global__ void __launch_bounds__(32 * kWarps)
 // 16-bit state copy; with kStages = 1 (pass 2, one warp group) the raw tiles have one buffer and
 // chunk c + 1 is staged after a third barrier at the end of chunk c: 71 KiB instead of 110 at
 // dstate 128 for 16-bit input, and at most 168 registers, so three blocks share an H100 SM (two an
-// Orin SM) and hide each other's staging. A chunk has two block barriers: after the first its tiles and its token
-// vectors (computed by warp 0 during the previous chunk) are visible; before the second the state
-// operand x dt exp(cum_end - cum) (split into 16-bit high and low parts once per block) and, for
-// int8, the fp16 copies of the tiles are written. Eligible: 16-bit outputs, dstate <= 128 (padded to kN = 64
-// or 128 with zeros).
+// Orin SM) and hide each other's staging. A chunk has two block barriers: after the first its
+// tiles and its token vectors (computed by warp 0 during the previous chunk) are visible; before
+// the second the state operand x dt exp(cum_end - cum) (split into 16-bit high and low parts once
+// per block) and, for int8, the fp16 copies of the tiles are written. Eligible: 16-bit outputs,
+// dstate <= 128 (padded to kN = 64 or 128 with zeros).
 constexpr int kMmaRowWarps = kChunk / 16;  // warps per group: one 16-row slice of the outputs each
 constexpr int kMmaMaxState = 128;
 // kGroups warp groups of kMmaRowWarps warps split the column tile: group r owns columns
@@ -1226,7 +1226,7 @@ __global__ void __launch_bounds__(MmaShape<kGroups>::kThreads, kStateOnly || kSt
       }
     }
     if constexpr (!kStateOnly) store_state_copy(st ^ 1);
-    if (kStages == 1 && c0 + kChunk < t_end) {  // one copy of the raw tiles: the next chunk's after this one's
+    if (kStages == 1 && c0 + kChunk < t_end) {  // one copy of the raw tiles: every warp is done with them
       __syncthreads();
       stage(c0 + kChunk, 0);
     }
