@@ -1500,9 +1500,21 @@ cudaError_t launch_ssd_mma_pass(const SsdArgs& a, const MmaSmem& lay, int64_t bl
   return launch_status();
 }
 
+// Whether pass 2 takes one stage of raw tiles: where that fits more blocks on an SM (per_sm_single
+// against per_sm) and so splits the sequence into more segments. A chunk step is slower with one
+// stage, so only the extra segments pay for it: on an H100 batch-1 prefill gained (B1 H24 f16: 8
+// segments, 42.4 against 47.5 µs with 5, same run), while a grid that fills the GPU unsplit lost
+// (B4 H64: 320 against 273 µs); docs/benchmarks.md, seventeenth session.
+bool one_stage_pays(int64_t tiles, int chunks, int sms, int per_sm, int per_sm_single) {
+  return per_sm_single > per_sm && wanted_segments(tiles, chunks, static_cast<int64_t>(sms) * per_sm_single, 1) >
+                                       wanted_segments(tiles, chunks, static_cast<int64_t>(sms) * per_sm, 2);
+}
+
 // The register-resident chunked form with the state padded to kN, its sequence split by the
 // workspace (ws, ws_bytes; see SegSplit), with `groups` warp groups (1 or 2; 0: two where that
-// puts more warps on the busiest SM, see MmaShape). Pass 1 of a split always runs one group.
+// puts more warps on the busiest SM, see MmaShape) and `stages` stages of raw tiles in pass 2 (1
+// or 2; 0: one where one_stage_pays, which also means one group). Pass 1 of a split always runs one
+// group and two stages.
 template <typename Tin, typename Tout, int kN>
 cudaError_t launch_ssd_mma(const SsdArgs& a, int groups, int stages, int sms, void* ws, size_t ws_bytes,
                            cudaStream_t stream) {
@@ -1514,21 +1526,12 @@ cudaError_t launch_ssd_mma(const SsdArgs& a, int groups, int stages, int sms, vo
   cudaError_t err = blocks_per_sm(ssd_mma_kernel<Tin, Tout, kN, 1, false>, MmaShape<1>::kThreads, lay.bytes, &per_sm);
   if (err == cudaSuccess)
     err = blocks_per_sm(ssd_mma_kernel<Tin, Tout, kN, 1, true>, MmaShape<1>::kThreads, lay1.bytes, &per_sm1);
-  if (err == cudaSuccess)
+  if (err == cudaSuccess && stages != 2 && groups != 2)  // (a one-stage pass 2 runs one group)
     err = blocks_per_sm(ssd_mma_kernel<Tin, Tout, kN, 1, false, 1>, MmaShape<1>::kThreads, lay_single.bytes,
                         &per_sm_single);
   if (err != cudaSuccess) return err;
-  // One stage of raw tiles (unless forced) where it fits more blocks on an SM and so splits the
-  // sequence into more segments. A chunk step is slower with one stage, so only the extra segments
-  // pay for it: on an H100 batch-1 prefill gained (B1 H24 f16: 8 segments, 42.3 against 46.8 µs with
-  // 5), while a grid that fills the GPU unsplit lost (B4 H64: 320 against 273 µs); docs/benchmarks.md.
-  const int chunks = (a.seqlen + kChunk - 1) / kChunk;
   if (stages != 1 && stages != 2)
-    stages = groups != 2 && per_sm_single > per_sm &&
-                     wanted_segments(tiles, chunks, static_cast<int64_t>(sms) * per_sm_single, 1) >
-                         wanted_segments(tiles, chunks, static_cast<int64_t>(sms) * per_sm, 2)
-                 ? 1
-                 : 2;
+    stages = groups != 2 && one_stage_pays(tiles, (a.seqlen + kChunk - 1) / kChunk, sms, per_sm, per_sm_single) ? 1 : 2;
   if (stages == 1) {
     groups = 1;
     per_sm = per_sm_single;
